@@ -1,0 +1,15 @@
+"""eit_fast: a faithful reference EIT and fused GPU kernels for it."""
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .configs import CONFIGS, ConfigError, EITConfig, get_config, list_models
+from .factory import create_model
+from .flops import count_macs, count_params
+from .models import EIT, InputError
+from .runtime import ImplError, info
+
+__all__ = [
+    "EIT", "EITConfig", "CONFIGS", "create_model", "get_config", "list_models", "load_checkpoint",
+    "save_checkpoint", "count_params", "count_macs", "info", "CheckpointError", "ConfigError", "ImplError",
+    "InputError", "__version__",
+]

@@ -1,0 +1,28 @@
+"""`create_model`: named config + overrides -> a model of the chosen implementation (timm style)."""
+from __future__ import annotations
+
+import os
+
+import torch.nn as nn
+
+from .checkpoint import load_checkpoint
+from .configs import get_config
+from .models import EIT
+from .runtime import resolve_impl
+
+
+def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.PathLike | None = None,
+                 **overrides) -> nn.Module:
+    """Build a named model, e.g. create_model("eit_mini", num_classes=100).
+
+    impl: "reference" (plain PyTorch), "fused" (fast kernels, refuses if unavailable) or "auto" (fastest
+    available; eit_fast.info() says which was taken). Default: $EIT_FAST_IMPL, else "reference".
+    checkpoint_path: weights to load after building (eit_fast, authors' or bare state_dict, strict).
+    """
+    cfg = get_config(name, **overrides)
+    chosen = resolve_impl(impl, model_name=name)
+    model = EIT(cfg)  # the only implementation until the fused modules land; resolve_impl refuses "fused"
+    model.impl = chosen
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model

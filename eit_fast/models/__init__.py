@@ -1,0 +1,3 @@
+from .eit import EIT, InputError
+
+__all__ = ["EIT", "InputError"]

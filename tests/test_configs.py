@@ -1,0 +1,75 @@
+import pytest
+
+import eit_fast
+from eit_fast import ConfigError, get_config
+
+# DESIGN.md 1.2: per-layer (attention, conv) channel splits of the released models.
+SPLITS = {
+    "eit_mini": [(50, 200), (100, 150), (150, 100), (200, 50), (250, 0)],
+    "eit_tiny": [(40, 290), (80, 250), (120, 210), (160, 170), (200, 130), (240, 90), (280, 50), (330, 0)],
+    "eit_base": [(32, 368), (80, 320), (112, 288), (160, 240), (192, 208), (240, 160), (272, 128), (320, 80),
+                 (352, 48), (400, 0)],
+    "eit_large": [(32, 432), (64, 400), (112, 352), (144, 320), (192, 272), (224, 240), (256, 208), (304, 160),
+                  (336, 128), (384, 80), (416, 48), (464, 0)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS))
+def test_released_splits(name):
+    assert get_config(name).splits == SPLITS[name]
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS))
+def test_released_token_arithmetic(name):
+    cfg = get_config(name)
+    assert (cfg.conv_grid, cfg.grid_size, cfg.num_tokens) == (57, 19, 362)
+
+
+def test_cifar_configs_share_the_8x8_grid():
+    eit, vit = get_config("eit_cifar"), get_config("vit_cifar")
+    assert (eit.conv_grid, eit.grid_size, eit.num_tokens) == (32, 8, 65)
+    assert (vit.grid_size, vit.num_tokens) == (8, 65)
+    assert (eit.drop_rate, eit.attn_drop_rate, eit.drop_path_rate) == (0.2, 0.15, 0.2)
+
+
+@pytest.mark.parametrize("size", ["mini", "tiny", "base", "large", "cifar"])
+def test_vit_twins_match_width_depth_heads(size):
+    eit, vit = get_config(f"eit_{size}"), get_config(f"vit_{size}")
+    assert (vit.embed_dim, vit.depth, vit.num_heads, vit.img_size) == \
+           (eit.embed_dim, eit.depth, eit.num_heads, eit.img_size)
+    assert vit.pos_embed and not vit.conv_split
+    assert all(c == 0 for _, c in vit.splits)
+    assert vit.patch_size == (4 if size == "cifar" else 16)
+
+
+def test_conv_only_layer_when_head_width_is_below_depth():
+    cfg = get_config("eit_cifar", embed_dim=40, num_heads=10)  # D//H = 4 < depth 5
+    assert cfg.splits[0] == (0, 40)
+    assert cfg.splits[-1] == (40, 0)
+
+
+def test_list_models():
+    assert set(eit_fast.list_models()) == {f"{p}_{s}" for p in ("eit", "vit")
+                                           for s in ("mini", "tiny", "base", "large", "cifar")}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_heads=7), "num_heads=7 does not divide embed_dim=250"),
+    (dict(embed_dim=0), "embed_dim must be a positive integer"),
+    (dict(depth=2.5), "depth must be a positive integer"),
+    (dict(img_size=4), "pool=3 is larger than the 2x2 conv output at img_size=4"),
+    (dict(drop_rate=1.0), "drop_rate must be in [0, 1)"),
+    (dict(stem="pyramid"), "stem must be 'eit' or 'patch'"),
+    (dict(stem="patch", patch_size=15), "patch_size=15 does not divide img_size=224"),
+    (dict(pre_logits=0), "pre_logits must be None or a positive integer"),
+    (dict(heads=10), "unknown config option(s) ['heads']"),
+])
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        eit_fast.create_model("eit_mini", **overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match=r"unknown model 'eit_huge'; available: eit_base, eit_cifar"):
+        eit_fast.create_model("eit_huge")
