@@ -49,7 +49,7 @@ def read_file(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = str(e).strip().splitlines()
-        refused = [ln.strip() for ln in lines if "Unsupported global" in ln or "Unsupported operand" in ln]
+        refused = [ln.strip() for ln in lines if "unsupported global" in ln.lower()]
         if refused:  # weights_only refused an object: we will not execute it
             raise CheckpointError(f"{path} holds objects that are not safe to load ({refused[0]}); only "
                                   f"tensors, plain containers and argparse.Namespace are accepted") from e
