@@ -141,6 +141,9 @@ CONFIGS: dict[str, EITConfig] = {
     "eit_cifar": EITConfig(img_size=32, num_classes=10, embed_dim=250, depth=5, num_heads=10, stem="eit",
                            patch_kernel=3, patch_stride=1, pool=4,
                            drop_rate=0.2, attn_drop_rate=0.15, drop_path_rate=0.2),
+    # Not from the paper: a small EIT for smoke runs (the training command's default), same 32 px stem.
+    "eit_micro": EITConfig(img_size=32, num_classes=10, embed_dim=96, depth=4, num_heads=4, stem="eit",
+                           patch_kernel=3, patch_stride=1, pool=4, drop_path_rate=0.05),
     # Plain ViT twins for the paper's comparison: same width, depth and heads.
     "vit_mini": EITConfig(embed_dim=250, depth=5, num_heads=10, **_VIT_224),
     "vit_tiny": EITConfig(embed_dim=330, depth=8, num_heads=10, **_VIT_224),

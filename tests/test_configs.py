@@ -50,7 +50,7 @@ def test_conv_only_layer_when_head_width_is_below_depth():
 
 def test_list_models():
     assert set(eit_fast.list_models()) == {f"{p}_{s}" for p in ("eit", "vit")
-                                           for s in ("mini", "tiny", "base", "large", "cifar")}
+                                           for s in ("mini", "tiny", "base", "large", "cifar")} | {"eit_micro"}
 
 
 @pytest.mark.parametrize("overrides, message", [

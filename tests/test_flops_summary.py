@@ -48,6 +48,6 @@ def test_summary_cli_prints_the_published_figures():
 
 def test_summary_cli_defaults_to_every_model_and_rejects_unknown():
     r = run_module("eit_fast.summary")
-    assert r.returncode == 0 and r.stdout.count("== ") == 10
+    assert r.returncode == 0 and r.stdout.count("== ") == 11
     r = run_module("eit_fast.summary", "eit_huge")
     assert r.returncode == 2 and "unknown model 'eit_huge'" in r.stderr

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import eit_fast
-from eit_fast import InputError, create_model, get_config
+from eit_fast import InputError, create_model
 
 # DESIGN.md 1.3: exact parameter counts (ImageNet-1K heads, no pre_logits).
 PARAMS = {"eit_mini": 3_512_750, "eit_tiny": 8_927_230, "eit_base": 15_972_280, "eit_large": 25_305_592}

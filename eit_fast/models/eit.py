@@ -10,7 +10,6 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..configs import EITConfig
 
