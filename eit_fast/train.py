@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
 from .checkpoint import CheckpointError, atomic_save, read_file, save_safetensors
@@ -35,6 +34,7 @@ from .data.augment import MixupConfig
 from .data.build import DataSpec, build_data
 from .data.loader import AugmentConfig
 from .data.sampling import derive_seed
+from .ema import EMA
 from .evaluate import AMP_DTYPES, autocast, evaluate
 from .factory import create_model
 from .optim import make_optimizer, make_scheduler
@@ -56,7 +56,7 @@ RECIPES = {
                  amp="fp16", drop_path=0.1, workers=10),
 }
 
-# Flags that may differ from the saved run when resuming (they do not change what is computed).
+# Settings of one invocation rather than of the run: a resume takes them from its own command line.
 RESUME_OVERRIDABLE = {"workers", "log_every", "progress", "tensorboard", "stop_after", "keep_last",
                       "save_every", "device", "compile", "resume", "config"}
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, help="max global gradient norm (default: no clipping)")
     g.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype; fp16 adds a GradScaler "
                                                               "(default: bf16 on CUDA, none on the CPU)")
-    g.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the weights per step; 0 turns it off")
+    g.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the weights, updated per step (decay warmed up as in timm); 0 turns it off")
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-padding", type=int, default=4, help="random crop after zero-padding (cached path)")
     g.add_argument("--no-hflip", dest="hflip", action="store_false", help="no random horizontal flip")
@@ -203,8 +203,7 @@ class Trainer:
                                            drop_path_rate=args.drop_path).items() if v is not None}
         self.model = create_model(args.model, impl=args.impl, num_classes=len(self.data.classes),
                                   **overrides).to(self.device)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-                    if args.ema_decay > 0 else None)
+        self.ema = EMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
 
         self.accum = args.accum_steps
         self.steps_per_epoch = len(self.data.train) // self.accum
@@ -249,8 +248,6 @@ class Trainer:
             raise ConfigError(f"--keep-last must be at least 1, got {a.keep_last}")
         if not 0 <= a.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
-        if a.amp == "fp16" and self.device.type == "cpu":
-            raise ConfigError("--amp fp16 needs a GPU; on the CPU use --amp bf16 or none")
         if a.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"{torch.cuda.get_device_name(self.device)} has no bf16; use --amp fp16")
         if not a.resume and list_checkpoints(Path(a.output)):
@@ -268,7 +265,7 @@ class Trainer:
         if not isinstance(state, dict) or "train_state" not in state:
             raise CheckpointError(f"--resume {path}: not an eit_fast training checkpoint (no train_state)")
         saved = dict(state["config"]["args"])
-        for key in explicit & RESUME_OVERRIDABLE:
+        for key in RESUME_OVERRIDABLE:  # settings of this invocation, not of the run
             saved[key] = getattr(args, key)
         changed = sorted(k for k in explicit - RESUME_OVERRIDABLE if getattr(args, k) != saved.get(k))
         if changed:
@@ -284,7 +281,6 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["model_ema"])
-            self.ema.n_averaged.fill_(ts["ema_n_averaged"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -423,7 +419,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model, self.step)
 
     def _check_health(self):
         """Stop on a non-finite loss: a host sync, so only at log points and epoch ends."""
@@ -505,8 +501,7 @@ class Trainer:
             "config": {"args": vars(self.args), "model_config": self.model.cfg.to_dict(),
                        "classes": self.data.classes},
             "train_state": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "best": self.best,
-                            "epoch_stats": self.epoch_stats.cpu(), "rng": rngs,
-                            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0},
+                            "epoch_stats": self.epoch_stats.cpu(), "rng": rngs},
         }
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
