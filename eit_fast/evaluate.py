@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     model.to(device)
     cfg = model.cfg
     spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size, workers=args.workers)
-    data = build_data(spec, device=device, seed=args.seed)
+    data = build_data(spec, device=device, seed=args.seed, train=False)
     if len(data.classes) != cfg.num_classes:
         print(f"error: the model has {cfg.num_classes} classes, {args.data} has {len(data.classes)}",
               file=sys.stderr)

@@ -90,21 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (built-in procedural images, a smoke default), a CIFAR-10/100 python "
                         "folder, or a folder with train/ and val/ (or test/) ImageFolder trees")
-    g.add_argument("--synthetic-size", type=int, default=8000, help="training images of the synthetic set")
+    g.add_argument("--synthetic-size", type=int, default=8000, help="training images of the synthetic set (plus a quarter as many for validation)")
+    g.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images")
     g.add_argument("--cache", default="auto", choices=["auto", "device", "host", "none"],
                    help="decode images once into a uint8 tensor kept on the device/host (auto: for images up "
                         "to 64 px, on the GPU when it fits); none: DataLoader workers")
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank (large images)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=4)
+    g.add_argument("--epochs", type=int, default=4, help="epochs of the run (sets the schedule's length)")
     g.add_argument("--batch-size", type=int, default=128, help="images per rank per micro-batch")
     g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (see --lr-scale-batch)")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (see --lr-scale-batch)")
     g.add_argument("--lr-scale-batch", type=int,
                    help="if set, the peak lr is lr * global_batch / this (DeiT: 512)")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, per step")
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
     g.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW; none on norms, biases, tokens")
     g.add_argument("--clip-grad", type=float, help="max global gradient norm (default: no clipping)")
@@ -194,7 +195,7 @@ class Trainer:
         img_size = args.img_size or get_config(args.model).img_size
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,
-                        synthetic_size=args.synthetic_size)
+                        synthetic_size=args.synthetic_size, train_subset=args.train_subset)
         self.data = build_data(spec, device=self.device, seed=args.seed, rank=dist.rank,
                                world_size=dist.world_size)
 

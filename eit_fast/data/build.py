@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .arrays import DataError, ImageArrays
+from .arrays import DataError
 from .cifar import find_cifar, read_cifar
 from .folder import decode_folder, scan_image_folder
 from .loader import AugmentConfig, TensorLoader, WorkerLoader
@@ -21,7 +21,7 @@ from .synthetic import make_synthetic
 
 CACHE_MAX_SIDE = 64            # images up to this side are decoded once and cached as a tensor
 DEVICE_CACHE_FRACTION = 0.25   # keep the cache on the GPU if it takes at most this share of free memory
-SYNTHETIC_VAL = 2000
+SYNTHETIC_VAL_FRACTION = 0.25  # validation images per training image of the synthetic set
 
 
 @dataclass
@@ -34,12 +34,13 @@ class DataSpec:
     cache: str = "auto"          # auto | device | host | none
     workers: int = 4
     synthetic_size: int = 10000
+    train_subset: int | None = None  # train on a fixed random subset of this many images
     decode_cache_dir: str | None = None
 
 
 @dataclass
 class Data:
-    train: TensorLoader | WorkerLoader
+    train: TensorLoader | WorkerLoader | None
     val: TensorLoader | WorkerLoader
     classes: list[str]
     description: str
@@ -60,6 +61,16 @@ def split_folders(root: Path) -> tuple[Path, Path]:
     raise DataError(f"{root}: has train/ but no val/ or test/ folder to evaluate on")
 
 
+def subset_indices(n: int, k: int | None, seed: int) -> torch.Tensor | None:
+    """A fixed random subset of k of n training samples (the same on every rank), or None for all."""
+    if k is None:
+        return None
+    if not 0 < k <= n:
+        raise DataError(f"--train-subset {k} must be between 1 and the {n} training images")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
 def _storage(spec: DataSpec, nbytes: int, device: torch.device) -> str:
     if spec.cache in ("device", "host"):
         return spec.cache
@@ -75,61 +86,77 @@ def _use_tensor_loader(spec: DataSpec, side: int | None) -> bool:
     return spec.cache in ("device", "host") or (side is not None and side <= CACHE_MAX_SIDE)
 
 
-def build_data(spec: DataSpec, *, device, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
-    device = torch.device(device)
-    common = dict(device=device, seed=seed, rank=rank, world_size=world_size)
-    eval_bs = spec.eval_batch_size or spec.batch_size
+@dataclass
+class _Split:
+    """One split before loading: decoded images (uint8 tensor) or image paths still to read."""
+    items: torch.Tensor | list
+    labels: torch.Tensor
+    classes: list[str]
+    source: str
 
-    train_arrays = val_arrays = None
+    def select(self, keep: torch.Tensor | None) -> "_Split":
+        if keep is None:
+            return self
+        items = self.items[keep] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in keep.tolist()]
+        return _Split(items, self.labels[keep], self.classes, f"{self.source} (subset of {len(keep)})")
+
+
+def _read_splits(spec: DataSpec, seed: int, cached: bool) -> tuple[_Split, _Split]:
+    """The train and val splits; ImageFolder trees are decoded now when they will be cached."""
     if spec.data == "synthetic":
-        train_arrays = make_synthetic(spec.synthetic_size, spec.img_size, seed=seed)
-        val_arrays = make_synthetic(SYNTHETIC_VAL, spec.img_size, seed=seed + 1_000_003)
-        train_src = val_src = None
+        n_val = max(100, int(spec.synthetic_size * SYNTHETIC_VAL_FRACTION))
+        arrays = (make_synthetic(spec.synthetic_size, spec.img_size, seed=seed),
+                  make_synthetic(n_val, spec.img_size, seed=seed + 1_000_003))
     else:
         root = Path(spec.data)
         if not root.exists():
             raise DataError(f"data folder not found: {root}")
         kind = find_cifar(root)
         if kind is not None:
-            train_arrays, val_arrays = read_cifar(root, kind, train=True), read_cifar(root, kind, train=False)
+            arrays = (read_cifar(root, kind, train=True), read_cifar(root, kind, train=False))
         else:
-            train_src, val_src = split_folders(root)
-
-    if train_arrays is not None:  # already decoded in memory
-        classes = train_arrays.classes
-        side = train_arrays.images.shape[-1]
-        if _use_tensor_loader(spec, side) and side == spec.img_size:
-            return _tensor_data(spec, train_arrays, val_arrays, common, eval_bs)
-        train_items, val_items = train_arrays.images, val_arrays.images
-        train_labels, val_labels = train_arrays.labels, val_arrays.labels
-        desc = f"{train_arrays.source}: {len(train_labels)} train / {len(val_labels)} val images"
-    else:
-        train_items, train_labels, classes = scan_image_folder(train_src)
-        val_items, val_labels, val_classes = scan_image_folder(val_src)
-        if val_classes != classes:
-            raise DataError(f"{val_src}: its classes differ from {train_src}'s "
-                            f"({len(val_classes)} vs {len(classes)} classes)")
-        if _use_tensor_loader(spec, spec.img_size if spec.img_size <= CACHE_MAX_SIDE else None):
+            folders = split_folders(root)
+            scans = [scan_image_folder(f) for f in folders]
+            if scans[1][2] != scans[0][2]:
+                raise DataError(f"{folders[1]}: its classes differ from {folders[0]}'s "
+                                f"({len(scans[1][2])} vs {len(scans[0][2])} classes)")
+            if not cached:
+                return tuple(_Split(paths, torch.as_tensor(labels), classes, f"ImageFolder {folder}")
+                             for folder, (paths, labels, classes) in zip(folders, scans))
             cache_dir = spec.decode_cache_dir or default_decode_cache_dir()
-            return _tensor_data(spec, decode_folder(train_src, spec.img_size, cache_dir=cache_dir),
-                                decode_folder(val_src, spec.img_size, cache_dir=cache_dir), common, eval_bs)
-        desc = f"ImageFolder {spec.data}: {len(train_labels)} train / {len(val_labels)} val images"
-
-    labels = (torch.as_tensor(train_labels), torch.as_tensor(val_labels))
-    kw = dict(img_size=spec.img_size, num_classes=len(classes), aug=spec.aug, workers=spec.workers, **common)
-    train = WorkerLoader(train_items, labels[0], batch_size=spec.batch_size, train=True, **kw)
-    val = WorkerLoader(val_items, labels[1], batch_size=eval_bs, train=False, **kw)
-    return Data(train, val, list(classes), desc + f", {spec.workers} DataLoader workers")
+            arrays = tuple(decode_folder(f, spec.img_size, cache_dir=cache_dir) for f in folders)
+    return tuple(_Split(a.images, a.labels, a.classes, a.source) for a in arrays)
 
 
-def _tensor_data(spec: DataSpec, train: ImageArrays, val: ImageArrays, common: dict, eval_bs: int) -> Data:
-    nbytes = train.images.numel() + val.images.numel()
-    storage = _storage(spec, nbytes, common["device"])
-    kw = dict(num_classes=len(train.classes), storage=storage, **common)
-    train_loader = TensorLoader(train.images, train.labels, batch_size=spec.batch_size, train=True,
-                                aug=spec.aug, **kw)
-    val_loader = TensorLoader(val.images, val.labels, batch_size=eval_bs, train=False, **kw)
-    where = "on the device" if storage == "device" else "in host memory"
-    desc = (f"{train.source}: {len(train.labels)} train / {len(val.labels)} val images, "
-            f"{nbytes / 2**20:.0f} MiB uint8 cache {where}")
-    return Data(train_loader, val_loader, list(train.classes), desc)
+def build_data(spec: DataSpec, *, device, seed: int = 0, rank: int = 0, world_size: int = 1,
+               train: bool = True) -> Data:
+    """Loaders for `spec`; with train=False only the validation loader is built (Data.train is None)."""
+    device = torch.device(device)
+    # Folders are cached at the model's size if it is small; in-memory sets keep their own size.
+    cached = _use_tensor_loader(spec, spec.img_size if spec.img_size <= CACHE_MAX_SIDE else None)
+    train_split, val_split = _read_splits(spec, seed, cached)
+    train_split = train_split.select(subset_indices(len(train_split.labels), spec.train_subset, seed))
+    classes = train_split.classes
+    decoded = isinstance(train_split.items, torch.Tensor)
+    if decoded and train_split.items.shape[-1] != spec.img_size:
+        cached = False  # e.g. 32 px CIFAR for a 224 px model: resize in the workers
+    common = dict(num_classes=len(classes), device=device, seed=seed, rank=rank, world_size=world_size)
+    eval_bs = spec.eval_batch_size or spec.batch_size
+    desc = f"{train_split.source}: {len(train_split.labels)} train / {len(val_split.labels)} val images"
+    if cached:
+        nbytes = train_split.items.numel() * train + val_split.items.numel()
+        storage = _storage(spec, nbytes, device)
+        desc += (f", {nbytes / 2**20:.0f} MiB uint8 cache "
+                 f"{'on the device' if storage == 'device' else 'in host memory'}")
+    else:
+        desc += f", {spec.workers} DataLoader workers"
+
+    def make(split: _Split, is_train: bool, batch_size: int):
+        if cached:
+            return TensorLoader(split.items, split.labels, batch_size=batch_size, train=is_train, aug=spec.aug,
+                                storage=storage, **common)
+        return WorkerLoader(split.items, split.labels, img_size=spec.img_size, batch_size=batch_size,
+                            train=is_train, aug=spec.aug, workers=spec.workers, **common)
+
+    return Data(make(train_split, True, spec.batch_size) if train else None, make(val_split, False, eval_bs),
+                list(classes), desc)
