@@ -48,57 +48,83 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "n
             "seconds": seconds}
 
 
-def main(argv=None) -> int:
+def load_model_for_eval(path: str, model_name: str | None, use_ema: bool):
+    """The model a file describes, with its weights; and the training run's settings when the file has them.
+
+    eit_fast checkpoints and safetensors exports carry their model config; other files need `model_name`.
+    """
+    import json
+
     from . import create_model
     from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, read_file
     from .configs import EITConfig
-    from .data.build import DataSpec, build_data
     from .models import EIT
 
-    parser = argparse.ArgumentParser(prog="python -m eit_fast.evaluate", description=__doc__)
+    obj = read_file(path)
+    model_config, run_args = None, {}
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        model_config = json.loads(meta["config"]) if "config" in meta else None
+        run_args = json.loads(meta.get("train_args", "{}"))
+    elif isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        model_config = obj["config"].get("model_config")
+        run_args = obj["config"].get("args", {})
+    if model_name:
+        model = create_model(model_name)
+    elif model_config is not None:
+        model = EIT(EITConfig(**model_config))
+    else:
+        raise CheckpointError(f"{path} carries no model config; pass --model NAME")
+    sd = extract_state_dict(obj, use_ema=use_ema, source=str(path))
+    check_state_dict(model, sd, source=str(path))
+    model.load_state_dict(sd)
+    return model, run_args
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .configs import ConfigError
+    from .data.arrays import DataError
+    from .data.build import DataSpec, build_data
+
+    parser = argparse.ArgumentParser(prog="python -m eit_fast.evaluate", description=__doc__, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
-                        help="an eit_fast checkpoint (its config rebuilds the model), a .safetensors export, "
+                        help="an eit_fast checkpoint or .safetensors export (both carry their model config), "
                              "the authors' checkpoint or a bare state_dict (these need --model)")
     parser.add_argument("--data", required=True, help="'synthetic', a CIFAR python folder, or a folder with "
                                                       "train/ and val/ (or test/) ImageFolder trees")
     parser.add_argument("--model", help="named config, for files that do not carry their config")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
                         help="autocast dtype (default: bf16 on CUDA, none on the CPU)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="for 'synthetic': the training run's --seed")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (large images)")
+    parser.add_argument("--seed", type=int, help="'synthetic' only: the training run's --seed "
+                                                 "(default: the one the checkpoint records, else 0)")
+    parser.add_argument("--synthetic-size", type=int, help="'synthetic' only: the training run's "
+                                                           "--synthetic-size (default: as recorded, else 8000)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     try:
-        obj = read_file(args.checkpoint)
-        config = obj.get("config") if isinstance(obj, dict) else None
-        if isinstance(config, dict) and "model_config" in config:
-            model = EIT(EITConfig(**config["model_config"]))
-        elif args.model:
-            model = create_model(args.model)
-        else:
-            print(f"error: {args.checkpoint} carries no model config; pass --model NAME", file=sys.stderr)
-            return 2
-        sd = extract_state_dict(obj, use_ema=args.ema, source=args.checkpoint)
-        check_state_dict(model, sd, source=args.checkpoint)
-        model.load_state_dict(sd)
-    except (CheckpointError, RuntimeError, ValueError) as e:
+        model, run_args = load_model_for_eval(args.checkpoint, args.model, args.ema)
+        cfg = model.cfg
+        seed = args.seed if args.seed is not None else run_args.get("seed", 0)
+        synthetic_size = args.synthetic_size or run_args.get("synthetic_size", 8000)
+        spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size, workers=args.workers,
+                        synthetic_size=synthetic_size)
+        data = build_data(spec, device=device, seed=seed, train=False)
+        if len(data.classes) != cfg.num_classes:
+            raise DataError(f"{args.data} has {len(data.classes)} classes, the model {cfg.num_classes}")
+    except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.to(device)
-    cfg = model.cfg
-    spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size, workers=args.workers)
-    data = build_data(spec, device=device, seed=args.seed, train=False)
-    if len(data.classes) != cfg.num_classes:
-        print(f"error: the model has {cfg.num_classes} classes, {args.data} has {len(data.classes)}",
-              file=sys.stderr)
-        return 2
-    r = evaluate(model, data.val, device, amp)
+    r = evaluate(model.to(device), data.val, device, amp)
     print(f"{args.checkpoint}{' (EMA)' if args.ema else ''} on {data.description}")
     print(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
           f"{r['images']} images in {r['seconds']:.1f} s ({r['images'] / r['seconds']:.0f} images/s)")

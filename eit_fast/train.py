@@ -66,9 +66,8 @@ class TrainError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eit_fast.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m eit_fast.train", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML file of settings (keys are these flags' names, e.g. batch_size: 256)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="named set of defaults; flags still override it")
@@ -133,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between progress updates and loss health checks (each is a host sync)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboard)")
-    del a
     return p
 
 
@@ -196,8 +194,12 @@ class Trainer:
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,
                         synthetic_size=args.synthetic_size, train_subset=args.train_subset)
+        if not dist.is_main:
+            distributed.barrier()  # rank 0 decodes first and fills the decode cache; the others read it
         self.data = build_data(spec, device=self.device, seed=args.seed, rank=dist.rank,
                                world_size=dist.world_size)
+        if dist.is_main:
+            distributed.barrier()
 
         overrides = {k: v for k, v in dict(img_size=args.img_size, drop_rate=args.drop,
                                            attn_drop_rate=args.attn_drop,
@@ -348,7 +350,7 @@ class Trainer:
                 self._save_checkpoint(record)
         if self.dist.is_main:
             meta = {"model": a.model, "config": json.dumps(self.model.cfg.to_dict()),
-                    "classes": json.dumps(self.data.classes)}
+                    "classes": json.dumps(self.data.classes), "train_args": json.dumps(vars(a))}
             save_safetensors(self.output / "final.safetensors", self.model, meta)
             if self.ema is not None:
                 save_safetensors(self.output / "final_ema.safetensors", self.ema.module, meta)

@@ -86,6 +86,22 @@ def test_resume_is_exact(tmp_path, extra, stop):
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
 
 
+def test_evaluate_cli_reproduces_the_final_validation(tmp_path, capsys):
+    from eit_fast import evaluate
+    out = tmp_path / "run"
+    assert run(out, "--seed", "3") == 0
+    rec = metrics(out)[-1]
+    capsys.readouterr()
+    for argv in (["--checkpoint", str(out / "final.safetensors")],
+                 ["--checkpoint", str(out / "final_ema.safetensors")],
+                 ["--checkpoint", str(out / "checkpoint-00000016.pt"), "--ema"]):
+        assert evaluate.main([*argv, "--data", "synthetic", "--device", "cpu"]) == 0
+        top1 = rec["ema_val_top1"] if "ema" in " ".join(argv) else rec["val_top1"]
+        assert f"top-1 {top1:.2f}%" in capsys.readouterr().out
+    assert evaluate.main(["--checkpoint", str(out / "final.safetensors"), "--data", str(tmp_path / "nope")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_settings_and_reused_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--stop-after", "3") == 0
@@ -229,8 +245,12 @@ def test_empty_class_and_unreadable_image_are_named(tmp_path, capsys):
     assert str(tmp_path / "d" / "train" / "c") in capsys.readouterr().err
     (tmp_path / "d" / "train" / "c").rmdir()
     (tmp_path / "d" / "train" / "a" / "1.png").write_bytes(b"not a png")
-    assert run(tmp_path / "r2", "--data", str(tmp_path / "d")) == 2
+    assert run(tmp_path / "r2", "--data", str(tmp_path / "d")) == 2  # found while decoding into the cache
     assert str(tmp_path / "d" / "train" / "a" / "1.png") in capsys.readouterr().err
+    pytest.importorskip("torchvision")
+    assert run(tmp_path / "r3", "--data", str(tmp_path / "d"), "--cache", "none", "--workers", "1",
+               "--batch-size", "2") == 2                                  # found by a DataLoader worker
+    assert f"cannot read image {tmp_path / 'd' / 'train' / 'a' / '1.png'}" in capsys.readouterr().err
 
 
 def test_image_folder_trains_and_evaluates(tmp_path, capsys):
@@ -264,9 +284,8 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=0" if False else "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
-                        str(script), *TINY, "--output", str(out)], capture_output=True, text=True,
-                       timeout=600, env=env, cwd=tmp_path)
+                        "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), *TINY,
+                        "--output", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert a["step"] == b["step"] == 8  # 256 images / 2 ranks / 32 per batch = 4 steps per epoch
@@ -275,3 +294,73 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     assert r.stdout.count("epoch 2/2") == 1  # only rank 0 prints
     assert (out / "final.safetensors").is_file() and sorted(p.name for p in out.glob("checkpoint-*")) == \
            ["checkpoint-00000004.pt", "checkpoint-00000008.pt"]
+
+
+def test_torchrun_module_entry_point(tmp_path):
+    """The README's form: torchrun -m eit_fast.train; metrics are summed over both ranks' shards."""
+    out = tmp_path / "run"
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+                        "-m", "eit_fast.train", *TINY, "--epochs", "1", "--output", str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 x cpu" in r.stdout and r.stdout.count("done: eit_micro") == 1
+    rec = metrics(out)[0]
+    assert rec["step"] == 4 and 0 <= rec["val_top1"] <= 100
+
+
+def write_cifar10(root, per_batch=40):
+    """The CIFAR-10 python layout (data_batch_1..5, test_batch, batches.meta) with random pixels."""
+    import pickle
+    import numpy as np
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(x) for x in rng.integers(0, 10, per_batch)]}
+        (d / name).write_bytes(pickle.dumps(batch))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+
+
+@pytest.mark.parametrize("cache", ["auto", "none"])
+def test_cifar_pickles_train_on_both_loaders(tmp_path, capsys, cache):
+    pytest.importorskip("torchvision")
+    write_cifar10(tmp_path / "cifar")
+    out = tmp_path / "run"
+    assert run(out, "--data", str(tmp_path / "cifar"), "--cache", cache, "--train-subset", "128",
+               "--workers", "2") == 0
+    printed = capsys.readouterr().out
+    assert "128 train / 40 val images" in printed
+    assert ("uint8 cache" in printed) == (cache == "auto") and ("DataLoader workers" in printed) == (cache == "none")
+    assert read_file(out / "checkpoint-00000008.pt")["config"]["classes"] == [f"c{i}" for i in range(10)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_on_gpu(tmp_path, amp):
+    out = tmp_path / "run"
+    assert run(out, "--device", "cuda", "--amp", amp) == 0
+    rec = metrics(out)[-1]
+    assert rec["peak_mem_mib"] > 0 and torch.isfinite(torch.tensor(rec["train_loss"]))
+
+
+CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.slow
+def test_eit_cifar_learns_real_cifar10(tmp_path):
+    """A smaller version of the CIFAR-10 run in the README: eit_cifar on 5,000 training images."""
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"{CIFAR_TAR} is absent")
+    import tarfile
+    with tarfile.open(CIFAR_TAR) as tar:
+        tar.extractall(tmp_path, filter="data")
+    out = tmp_path / "run"
+    code = train.main(["--recipe", "cifar", "--data", str(tmp_path / "cifar10"), "--train-subset", "5000",
+                       "--epochs", "2", "--eval-every", "2", "--warmup-epochs", "0.2", "--mixup", "0",
+                       "--cutmix", "0", "--batch-size", "64", "--lr", "2e-3", "--eval-batch-size", "500",
+                       "--ema-decay", "0", "--output", str(out), "--no-progress"])
+    assert code == 0
+    rec = metrics(out)[-1]
+    assert rec["val_top1"] > 20.0, rec  # twice chance (10 classes); 156 steps reach about 24%

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..configs import ConfigError
+from .arrays import DataError
 from .augment import IMAGENET_MEAN, IMAGENET_STD, MixupConfig, mixup_cutmix, normalize, one_hot_smooth, \
     random_crop_flip
 from .sampling import derive_seed, epoch_indices, eval_indices
@@ -140,7 +142,7 @@ class _SeededItems(torch.utils.data.Dataset):
             with Image.open(src) as im:
                 return im.convert("RGB")
         except OSError as e:
-            raise OSError(f"cannot read image {src}: {e}") from e
+            raise DataError(f"cannot read image {src}: {e}") from e
 
 
 class _ItemSampler(torch.utils.data.Sampler):
@@ -160,7 +162,7 @@ def worker_transforms(img_size: int, train: bool, aug: AugmentConfig):
     try:
         from torchvision import transforms as T
     except ImportError as e:
-        raise ImportError("the DataLoader pipeline for large images (RandomResizedCrop, RandAugment, random "
+        raise ConfigError("the DataLoader pipeline for large images (RandomResizedCrop, RandAugment, random "
                           "erasing) uses torchvision: install the release that matches your torch "
                           "(for torch 2.14.1: pip install torchvision==0.29.1)") from e
     bicubic = T.InterpolationMode.BICUBIC
