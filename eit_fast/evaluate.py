@@ -26,7 +26,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "n
     """Loss and top-1/top-5 accuracy (%) over every sample of `loader`, summed across ranks."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    count = 0
     start = time.perf_counter()
     for batch in loader.batches(0):
         with autocast(device, amp):
@@ -36,12 +37,12 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "n
         top = logits.topk(k, dim=-1).indices
         hit = top == batch.labels.view(-1, 1)
         sums += torch.stack([F.cross_entropy(logits, batch.labels, reduction="sum").double(),
-                             hit[:, :1].sum().double(), hit.sum().double(),
-                             torch.tensor(float(len(batch.labels)), dtype=torch.float64, device=device)])
-    all_reduce_sum(sums)
+                             hit[:, :1].sum().double(), hit.sum().double()])
+        count += len(batch.labels)
+    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]))
     seconds = time.perf_counter() - start
     model.train(was_training)
-    loss, top1, top5, n = sums.tolist()
+    loss, top1, top5, n = totals.tolist()
     if n == 0:
         raise ValueError("the evaluation set is empty")
     return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n),

@@ -229,7 +229,9 @@ class Trainer:
             self.net = torch.compile(self.net)
 
         self.epoch, self.batch, self.step, self.best = 0, 0, 0, None
-        self.epoch_stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        # Per-epoch sums kept on the device (no sync per step): loss x images, correct top-1; images on the host.
+        self.epoch_stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.epoch_images = 0
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.signal = None
         if self.resume_state is not None:
@@ -289,6 +291,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step, self.best = ts["epoch"], ts["batch"], ts["step"], ts["best"]
         self.epoch_stats.copy_(ts["epoch_stats"])
+        self.epoch_images = ts["epoch_images"]
         rngs = ts["rng"]
         if len(rngs) != self.dist.world_size:
             raise CheckpointError(f"the checkpoint was written by {len(rngs)} rank(s), this run has "
@@ -333,7 +336,7 @@ class Trainer:
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            images_before = self.epoch_stats[2].item()
+            images_before = self.epoch_images
             finished = self._train_epoch()
             train_time = time.perf_counter() - t0
             if not finished:
@@ -346,6 +349,7 @@ class Trainer:
             last_eval = record
             self.epoch, self.batch = self.epoch + 1, 0
             self.epoch_stats.zero_()
+            self.epoch_images = 0
             if self.epoch % a.save_every == 0 or self.epoch == a.epochs:
                 self._save_checkpoint(record)
         if self.dist.is_main:
@@ -386,11 +390,10 @@ class Trainer:
                     loss = F.cross_entropy(logits.float(), batch.target)
                     self.scaler.scale(loss / self.accum).backward()
                 n = batch.labels.shape[0]
+                self.epoch_images += n
                 with torch.no_grad():
                     correct = (logits.argmax(-1) == batch.labels).sum()
-                    self.epoch_stats += torch.stack([loss.detach().double() * n, correct.double(),
-                                                     torch.tensor(float(n), dtype=torch.float64,
-                                                                  device=self.device)])
+                    self.epoch_stats += torch.stack([loss.detach().double() * n, correct.double()])
                     self.bad |= ~torch.isfinite(loss.detach())
                 if not last_micro:
                     continue
@@ -402,7 +405,7 @@ class Trainer:
                 if log_now:
                     self._check_health()
                     if bar is not None:
-                        bar.set_postfix(loss=f"{self.epoch_stats[0].item() / self.epoch_stats[2].item():.4f}",
+                        bar.set_postfix(loss=f"{self.epoch_stats[0].item() / self.epoch_images:.4f}",
                                         lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 if self._stop_now(log_now):
                     return False
@@ -452,12 +455,13 @@ class Trainer:
         flag = torch.tensor([1.0 if self.signal else 0.0], device=self.device)
         return distributed.all_reduce_sum(flag).item() > 0
 
-    def _end_epoch(self, train_time: float, images_before: float) -> dict:
+    def _end_epoch(self, train_time: float, images_before: int) -> dict:
         a = self.args
-        stats = distributed.all_reduce_sum(self.epoch_stats.clone()).tolist()
-        images = (stats[2] - images_before * self.dist.world_size)
+        loss_sum, correct = distributed.all_reduce_sum(self.epoch_stats.clone()).tolist()
+        seen = self.epoch_images * self.dist.world_size  # every rank runs the same number of batches
+        images = (self.epoch_images - images_before) * self.dist.world_size
         record = {"epoch": self.epoch + 1, "step": self.step,
-                  "train_loss": stats[0] / stats[2], "train_top1": 100.0 * stats[1] / stats[2],
+                  "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
                   "lr": self.scheduler.get_last_lr()[0], "images_per_s": images / train_time,
                   "epoch_time_s": train_time}
         if (self.epoch + 1) % a.eval_every == 0 or self.epoch + 1 == a.epochs:
@@ -504,7 +508,8 @@ class Trainer:
             "config": {"args": vars(self.args), "model_config": self.model.cfg.to_dict(),
                        "classes": self.data.classes},
             "train_state": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "best": self.best,
-                            "epoch_stats": self.epoch_stats.cpu(), "rng": rngs},
+                            "epoch_stats": self.epoch_stats.cpu(), "epoch_images": self.epoch_images,
+                            "rng": rngs},
         }
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()

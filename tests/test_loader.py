@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from eit_fast.data.augment import MixupConfig, mixup_cutmix, normalize, one_hot_smooth, random_crop_flip
+from eit_fast.data.augment import MixupConfig, mixup_cutmix, normalization, normalize, one_hot_smooth, \
+    random_crop_flip
 from eit_fast.data.loader import AugmentConfig, TensorLoader, WorkerLoader
 from eit_fast.data.sampling import derive_seed, epoch_indices, eval_indices
 
@@ -62,8 +63,10 @@ def test_flip_flips_about_half():
 
 def test_normalize():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    out = normalize(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    out = normalize(x, *normalization("cpu", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0)))
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    zero = normalize(torch.zeros_like(x), *normalization("cpu", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0)))
+    assert torch.allclose(zero[0, :, 0, 0], torch.tensor([-2.0, -1.0, -0.5]))
 
 
 def test_smoothing_targets():
@@ -121,7 +124,7 @@ def test_eval_loader_is_plain_and_complete():
     assert len(loader) == len(batches) == 7  # the last, partial batch is kept
     labels = torch.cat([b.labels for b in batches])
     assert torch.equal(labels, torch.arange(50) % 5)
-    assert torch.equal(batches[0].images, normalize(loader.images[:8]))
+    assert torch.equal(batches[0].images, normalize(loader.images[:8], loader.scale, loader.shift))
     assert torch.equal(batches[0].target, batches[0].labels)
 
 

@@ -17,11 +17,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(x_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32, scaled to [0, 1] and standardised per channel."""
-    m = torch.tensor(mean, device=x_uint8.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=x_uint8.device).view(1, -1, 1, 1) * 255.0
-    return (x_uint8.float() - m) / s
+def normalization(device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) such that x_uint8 * scale + shift is x scaled to [0, 1] and standardised per channel.
+
+    Made once per loader: building them per batch would be a host-to-device copy (and a sync) per step.
+    """
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
+
+
+def normalize(x_uint8: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> standardised float32."""
+    return torch.addcmul(shift, x_uint8.float(), scale)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 
 from ..configs import ConfigError
 from .arrays import DataError
-from .augment import IMAGENET_MEAN, IMAGENET_STD, MixupConfig, mixup_cutmix, normalize, one_hot_smooth, \
-    random_crop_flip
+from .augment import IMAGENET_MEAN, IMAGENET_STD, MixupConfig, mixup_cutmix, normalization, normalize, \
+    one_hot_smooth, random_crop_flip
 from .sampling import derive_seed, epoch_indices, eval_indices
 
 
@@ -97,12 +97,11 @@ class TensorLoader(_Base):
         if storage == "device":
             self.images, self.labels = images.to(self.device), labels.to(self.device)
         elif storage == "host":
-            pin = self.device.type == "cuda"
-            self.images = images.pin_memory() if pin else images
-            self.labels = labels.pin_memory() if pin else labels
+            self.images, self.labels = images, labels
         else:
             raise ValueError(f"storage must be 'device' or 'host', got {storage!r}")
         self.storage = storage
+        self.scale, self.shift = normalization(self.device)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         order = self.indices(epoch)
@@ -110,12 +109,15 @@ class TensorLoader(_Base):
             order = order.to(self.device)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images.index_select(0, idx).to(self.device, non_blocking=True)
-            labels = self.labels.index_select(0, idx).to(self.device, non_blocking=True)
+            x, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)
+            if self.storage == "host" and self.device.type == "cuda":  # pinned, so the copy is asynchronous
+                x, labels = x.pin_memory(), labels.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             if self.train:
                 gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, b, self.rank))
                 x = random_crop_flip(x, self.aug.crop_padding, self.aug.hflip, gen)
-            yield self._finish(normalize(x), labels, epoch, b)
+            yield self._finish(normalize(x, self.scale, self.shift), labels, epoch, b)
 
 
 class _SeededItems(torch.utils.data.Dataset):
