@@ -33,7 +33,7 @@ class DataSpec:
     aug: AugmentConfig = AugmentConfig()
     cache: str = "auto"          # auto | device | host | none
     workers: int = 4
-    synthetic_size: int = 10000
+    synthetic_size: int = 8000
     train_subset: int | None = None  # train on a fixed random subset of this many images
     decode_cache_dir: str | None = None
 
