@@ -1,5 +1,8 @@
 """Loaders, sampling and device-side augmentation: determinism, sharding, and what each transform does."""
+import random
+
 import numpy as np
+
 import pytest
 import torch
 
@@ -133,7 +136,10 @@ def test_worker_loader_is_deterministic_whatever_the_worker_count():
     x, y = images(24, size=16), torch.arange(24) % 3
     aug = AugmentConfig(randaugment=(2, 9), random_erasing=0.5)
     kw = dict(img_size=12, batch_size=4, train=True, num_classes=3, device="cpu", aug=aug, seed=1)
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
     a = list(WorkerLoader(x, y, workers=0, **kw).batches(1))
+    # the training process's RNGs (dropout, drop-path) are untouched, or resume could not be exact
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
     b = list(WorkerLoader(x, y, workers=2, **kw).batches(1, start=2))
     assert len(a) == 6 and len(b) == 4 and a[0].images.shape == (4, 3, 12, 12)
     for p, q in zip(a[2:], b):

@@ -1,4 +1,5 @@
 """python -m eit_fast.train: the default run, exact resume, DDP, signals, failures, bad data."""
+import importlib.util
 import json
 import os
 import signal
@@ -71,8 +72,11 @@ def test_metrics_checkpoints_and_retention(tmp_path):
 @pytest.mark.parametrize("extra, stop", [
     ([], 5),                                                          # mid-epoch 1
     (["--accum-steps", "2", "--mixup", "0.8", "--cutmix", "1.0", "--clip-grad", "1.0"], 4),  # epoch boundary
+    (["--cache", "none", "--workers", "2"], 5),                       # DataLoader workers, mid-epoch 1
 ])
 def test_resume_is_exact(tmp_path, extra, stop):
+    if "--cache" in extra:
+        pytest.importorskip("torchvision")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run(straight, *extra) == 0
     assert run(split, *extra, "--stop-after", str(stop)) == 0
@@ -405,9 +409,7 @@ def test_no_host_sync_between_log_points_on_gpu(tmp_path):
 
 def test_tensorboard(tmp_path, capsys):
     out = tmp_path / "run"
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:
         assert run(out, "--tensorboard") == 2
         assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
         return

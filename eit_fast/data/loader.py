@@ -131,6 +131,17 @@ class _SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
+        if torch.utils.data.get_worker_info() is not None:
+            return self._load(index, seed)
+        # workers=0 runs here, in the training process: leave its RNGs (dropout, drop-path) as they were
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return self._load(index, seed)
+        finally:
+            random.setstate(py_state)
+
+    def _load(self, index: int, seed: int):
         torch.manual_seed(seed)   # torchvision's transforms draw from torch's and Python's global RNGs
         random.seed(seed)
         return self.transform(self._image(index)), self.labels[index]
@@ -192,8 +203,11 @@ class WorkerLoader(_Base):
         super().__init__(len(labels), batch_size, train, num_classes, aug, seed, rank, world_size, device)
         self.sampler = _ItemSampler()
         dataset = _SeededItems(source, torch.as_tensor(labels), worker_transforms(img_size, train, aug))
+        # Its own generator: iter() draws a base seed, which must not move the global RNG that dropout and
+        # drop-path use, or a resumed run would diverge from a straight one.
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, drop_last=train,
+            generator=torch.Generator(),
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None)
 
