@@ -267,6 +267,7 @@ def test_image_folder_trains_and_evaluates(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "d"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert f"top-1 {metrics(out)[-1]['val_top1']:.2f}%" in printed and "images/s" in printed
+    assert f"{tmp_path / 'd' / 'val'}: " in printed and " train / " not in printed  # names what it evaluates
 
 
 DDP_SCRIPT = textwrap.dedent("""

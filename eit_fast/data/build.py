@@ -142,7 +142,10 @@ def build_data(spec: DataSpec, *, device, seed: int = 0, rank: int = 0, world_si
         cached = False  # e.g. 32 px CIFAR for a 224 px model: resize in the workers
     common = dict(num_classes=len(classes), device=device, seed=seed, rank=rank, world_size=world_size)
     eval_bs = spec.eval_batch_size or spec.batch_size
-    desc = f"{train_split.source}: {len(train_split.labels)} train / {len(val_split.labels)} val images"
+    if train:
+        desc = f"{train_split.source}: {len(train_split.labels)} train / {len(val_split.labels)} val images"
+    else:
+        desc = f"{val_split.source}: {len(val_split.labels)} images"
     if cached:
         nbytes = train_split.items.numel() * train + val_split.items.numel()
         storage = _storage(spec, nbytes, device)
