@@ -142,7 +142,9 @@ class _SeededItems(torch.utils.data.Dataset):
             random.setstate(py_state)
 
     def _load(self, index: int, seed: int):
-        torch.manual_seed(seed)   # torchvision's transforms draw from torch's and Python's global RNGs
+        # torchvision's transforms draw from torch's CPU and Python's global RNGs; the CUDA ones (dropout on
+        # the GPU when workers=0) are not theirs to reseed
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         return self.transform(self._image(index)), self.labels[index]
 
