@@ -6,10 +6,11 @@ from .configs import CONFIGS, ConfigError, EITConfig, get_config, list_models
 from .factory import create_model
 from .flops import count_macs, count_params
 from .models import EIT, InputError
+from .patching import patch
 from .runtime import ImplError, info
 
 __all__ = [
     "EIT", "EITConfig", "CONFIGS", "create_model", "get_config", "list_models", "load_checkpoint",
     "save_checkpoint", "count_params", "count_macs", "info", "CheckpointError", "ConfigError", "ImplError",
-    "InputError", "__version__",
+    "InputError", "patch", "__version__",
 ]

@@ -8,7 +8,8 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint
 from .configs import get_config
 from .models import EIT
-from .runtime import resolve_impl
+from .patching import patch
+from .runtime import record_selection, resolve_impl
 
 
 def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.PathLike | None = None,
@@ -20,9 +21,14 @@ def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.P
     checkpoint_path: weights to load after building (eit_fast, authors' or bare state_dict, strict).
     """
     cfg = get_config(name, **overrides)
-    chosen = resolve_impl(impl, model_name=name)
-    model = EIT(cfg)  # the only implementation until the fused modules land; resolve_impl refuses "fused"
-    model.impl = chosen
+    requested = resolve_impl(impl)
+    model = EIT(cfg)
+    if requested == "reference":
+        model.impl = "reference"
+        record_selection(model=name, requested=requested, chosen="reference", fused=[],
+                         reason="reference: as requested")
+    else:
+        patch(model, strict=requested == "fused", model_name=name, requested=requested)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     return model

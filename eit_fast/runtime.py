@@ -1,10 +1,17 @@
 """Which implementation runs: the impl switch, the fast paths this install has, and `info()`.
 
-impl="reference" is the plain-PyTorch model; "fused" demands the fast kernels and refuses if they are
-missing; "auto" takes the fastest path available and records why through `info()`.
+impl="reference" is the plain-PyTorch model; "fused" demands the fast kernels for every part of the model
+they cover and refuses if one cannot run; "auto" takes each fast path that can run and records why through
+`info()`.
+
+Each fast path is provided by a module under eit_fast.modules (see _PROVIDERS). A provider module defines:
+  availability() -> (bool, str)      whether this machine can run it, and why (not)
+  applies_to(model) -> str | None    None if the model has parts this path replaces, else why not
+  swap(model) -> int                 replace those parts in place (same parameters), return how many
 """
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 
@@ -13,13 +20,15 @@ import torch
 IMPLS = ("reference", "fused", "auto")
 ENV_IMPL = "EIT_FAST_IMPL"
 
-# The fused paths, and why each is not usable in this version. Kernel issues replace these entries with
-# real availability checks (Triton importable, a GPU present, eit_fast._C built with CUDA, ...).
-_NOT_BUILT = "not part of this version of eit_fast yet"
 FAST_PATHS = {
     "block_mixer": "Triton kernel: attention + parallel depthwise-conv branch of an EIT block",
     "patch_projection": "CUDA/C++ extension eit_fast._C: conv + max-pool patch projection",
 }
+_PROVIDERS = {
+    "block_mixer": "eit_fast.modules.fused_block",
+    "patch_projection": "eit_fast.modules.fused_patch",
+}
+_NOT_BUILT = "not part of this version of eit_fast yet"
 
 _last_selection: dict = {}
 
@@ -28,8 +37,24 @@ class ImplError(RuntimeError):
     """The requested implementation cannot run here."""
 
 
+def provider(name: str):
+    """The module that implements fast path `name`, or None if this version has none."""
+    mod_name = _PROVIDERS[name]
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name == mod_name:
+            return None
+        raise
+
+
 def fast_path_status() -> dict[str, dict]:
-    return {name: {"what": what, "available": False, "reason": _NOT_BUILT} for name, what in FAST_PATHS.items()}
+    out = {}
+    for name, what in FAST_PATHS.items():
+        mod = provider(name)
+        available, reason = (False, _NOT_BUILT) if mod is None else mod.availability()
+        out[name] = {"what": what, "available": bool(available), "reason": reason}
+    return out
 
 
 def default_impl() -> str:
@@ -39,27 +64,21 @@ def default_impl() -> str:
     return impl
 
 
-def resolve_impl(impl: str | None, model_name: str = "") -> str:
-    """Map a requested impl to the one that will run; raise if "fused" cannot be honoured."""
+def resolve_impl(impl: str | None) -> str:
+    """The requested impl (argument, else $EIT_FAST_IMPL, else "reference"), validated."""
     requested = default_impl() if impl is None else impl
     if requested not in IMPLS:
         raise ImplError(f"impl must be one of {IMPLS}, got {requested!r}")
-    usable = {k: v for k, v in fast_path_status().items() if v["available"]}
-    if requested == "fused" and not usable:
-        reasons = "; ".join(f"{k}: {v['reason']}" for k, v in fast_path_status().items())
-        raise ImplError(f"impl='fused' was requested but no fused path is available ({reasons}). "
-                        f"Use impl='reference', or impl='auto' to take fused paths when they exist.")
-    if requested == "auto" and not usable:
-        chosen, reason = "reference", "auto: no fused path is available, using the reference model"
-    else:
-        chosen, reason = requested, f"{requested}: as requested"
+    return requested
+
+
+def record_selection(**fields) -> None:
     _last_selection.clear()
-    _last_selection.update(model=model_name, requested=requested, chosen=chosen, reason=reason)
-    return chosen
+    _last_selection.update(fields)
 
 
 def info() -> dict:
-    """What this install can run, and what the last create_model() chose."""
+    """What this install can run, and what the last create_model() / patch() chose."""
     try:
         import triton
         triton_version = triton.__version__
@@ -87,9 +106,9 @@ def format_info(d: dict) -> str:
              f"default impl: {d['default_impl']}  (set {ENV_IMPL}=reference|fused|auto)",
              "fast paths:"]
     for name, st in d["fast_paths"].items():
-        state = "usable" if st["available"] else f"not usable: {st['reason']}"
+        state = f"usable: {st['reason']}" if st["available"] else f"not usable: {st['reason']}"
         lines.append(f"  {name:<17} {state}\n  {'':<17} ({st['what']})")
     if d["last_selection"]:
         sel = d["last_selection"]
-        lines.append(f"last create_model({sel['model']!r}): {sel['reason']}")
+        lines.append(f"last create_model({sel['model']!r}) / patch(): {sel['reason']}")
     return "\n".join(lines)

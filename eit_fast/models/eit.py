@@ -35,6 +35,12 @@ class EITPatchEmbed(nn.Module):
         super().__init__()
         self.eit_p = EITPatchProjection(cfg.in_chans, cfg.embed_dim, cfg.patch_kernel, cfg.patch_stride, cfg.pool)
 
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        """(Hp, Wp) token grid for an h x w image: the conv/pool arithmetic."""
+        conv, pool = self.eit_p.conv, self.eit_p.pool.kernel_size
+        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        return ((h + 2 * p - k) // s + 1) // pool, ((w + 2 * p - k) // s + 1) // pool
+
     def forward(self, x):
         return self.eit_p(x).flatten(2).transpose(1, 2)  # (B, Hp*Wp, D), row-major
 
@@ -43,6 +49,10 @@ class ViTPatchEmbed(nn.Module):
     def __init__(self, cfg: EITConfig):
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        p = self.proj.kernel_size[0]
+        return h // p, w // p
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -74,17 +84,15 @@ class Attention(nn.Module):
 class ConvBranch(nn.Module):
     """EIT-T's depthwise 3x3 conv over the patch-token grid; the CLS token's channels pass unchanged."""
 
-    def __init__(self, channels: int, grid_size: int, drop: float = 0.0):
+    def __init__(self, channels: int, drop: float = 0.0):
         super().__init__()
-        self.grid_size = grid_size
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x):
+    def forward(self, x, grid: tuple[int, int]):
         B, N, C = x.shape
         cls, patches = x[:, :1], x[:, 1:]
-        g = self.grid_size
-        patches = patches.transpose(1, 2).reshape(B, C, g, g)
+        patches = patches.transpose(1, 2).reshape(B, C, grid[0], grid[1])
         patches = self.drop(self.conv1(patches)).flatten(2).transpose(1, 2)
         return torch.cat([cls, patches], dim=1)
 
@@ -133,21 +141,22 @@ class Block(nn.Module):
         if self.attn_dim:
             self.attn = Attention(self.attn_dim, cfg.num_heads, cfg.attn_drop_rate, cfg.drop_rate)
         if self.conv_dim:
-            self.eit_t = ConvBranch(self.conv_dim, cfg.grid_size, cfg.attn_drop_rate)
+            self.eit_t = ConvBranch(self.conv_dim, cfg.attn_drop_rate)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
 
-    def mix(self, y):
+    def mix(self, y, grid: tuple[int, int]):
         c = self.conv_dim
         if not c:
             return self.attn(y)
         if not self.attn_dim:
-            return self.eit_t(y)
-        return torch.cat([self.eit_t(y[..., :c]), self.attn(y[..., c:])], dim=-1)
+            return self.eit_t(y, grid)
+        return torch.cat([self.eit_t(y[..., :c], grid), self.attn(y[..., c:])], dim=-1)
 
-    def forward(self, x):
-        x = x + self.drop_path(self.mix(self.norm1(x)))
+    def forward(self, x, grid: tuple[int, int]):
+        """x: (B, 1 + Hp*Wp, D) with the CLS token first; grid: (Hp, Wp) of the patch tokens."""
+        x = x + self.drop_path(self.mix(self.norm1(x), grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -201,13 +210,14 @@ class EIT(nn.Module):
 
     def forward_features(self, x):
         self.check_input(x)
+        grid = self.patch_embed.grid(x.shape[2], x.shape[3])
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, grid)
         return self.norm(x)
 
     def forward_head(self, x):

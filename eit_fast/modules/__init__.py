@@ -1,0 +1,1 @@
+"""Drop-in fused modules: same parameters and names as the reference modules they replace."""

@@ -1,0 +1,1 @@
+"""Fused operations registered with torch.library (layer 3): one file per op."""
