@@ -1,4 +1,5 @@
 import argparse
+import re
 import os
 
 import pytest
@@ -164,3 +165,122 @@ def test_atomic_save_keeps_the_old_file_when_a_write_dies(tmp_path):
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["last.pt"]
     assert eit_fast.load_checkpoint(fresh(), path)["epoch"] == 1
+
+
+# --- issue 9: nothing half-loaded, nothing silently cast, corruption detected ---------------------------------
+
+def flip_middle(path, nbytes=4096):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + nbytes] = bytes(b ^ 0xFF for b in data[mid:mid + nbytes])
+    path.write_bytes(bytes(data))
+
+
+def test_own_checkpoint_with_flipped_bytes_is_refused(tmp_path):
+    path = tmp_path / "own.pt"
+    save_checkpoint(path, fresh(), epoch=1)
+    flip_middle(path)
+    torch.load(path, weights_only=True)  # torch alone does not notice
+    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match the checksum"):
+        load_checkpoint(fresh(), path)
+
+
+def test_safetensors_export_with_flipped_bytes_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors(path, fresh(), {"note": "x"})
+    flip_middle(path)
+    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match the checksum"):
+        load_checkpoint(fresh(), path)
+
+
+def test_safetensors_metadata_edit_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from eit_fast.checkpoint import read_safetensors_metadata
+    path = tmp_path / "w.safetensors"
+    save_safetensors(path, fresh(), {"classes": '["a", "b"]'})
+    meta = read_safetensors_metadata(path)
+    save_file(load_file(str(path)), str(path), metadata={**meta, "classes": '["b", "a"]'})
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(fresh(), path)
+    del meta["checksum"]
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="without its checksum"):
+        load_checkpoint(fresh(), path)
+
+
+def unchanged(model, before):
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: t.to_sparse(), "unusable layouts .*torch.sparse_coo"),
+    (lambda t: t.to(torch.int8), "unusable dtypes .*torch.int8 for a torch.float32 parameter"),
+    (lambda t: t.bool(), "unusable dtypes .*torch.bool for a torch.float32 parameter"),
+    (lambda t: t.to(torch.complex64), "unusable dtypes .*torch.complex64 for a torch.float32 parameter"),
+])
+def test_unusable_tensors_are_refused_before_anything_loads(tmp_path, make, message):
+    src = fresh()
+    sd = src.state_dict()
+    sd["head.weight"] = make(sd["head.weight"])   # last in order: everything before it would load first
+    torch.save(sd, tmp_path / "sd.pt")
+    dst = fresh()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(dst, tmp_path / "sd.pt")
+    assert unchanged(dst, before)
+
+
+def test_half_precision_weights_still_load(tmp_path):
+    src = fresh()
+    torch.save({k: v.half() for k, v in src.state_dict().items()}, tmp_path / "sd.pt")
+    dst = fresh()
+    load_checkpoint(dst, tmp_path / "sd.pt")
+    assert torch.equal(dst.head.weight, src.head.weight.half().float())
+
+
+def test_a_load_that_fails_midway_leaves_the_model_unchanged(tmp_path, monkeypatch):
+    src, dst = fresh(), fresh()
+    torch.save(src.state_dict(), tmp_path / "sd.pt")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+
+    def half_then_fail(self, sd, strict=True):
+        with torch.no_grad():
+            for k, v in list(self.state_dict().items())[:5]:
+                v.copy_(sd[k])
+        raise RuntimeError("simulated failure")
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", half_then_fail)
+    with pytest.raises(CheckpointError, match="simulated failure.*the model is unchanged"):
+        load_checkpoint(dst, tmp_path / "sd.pt")
+    assert unchanged(dst, before)
+
+
+def test_duplicate_keys_after_prefix_stripping_are_refused(tmp_path):
+    sd = fresh().state_dict()
+    sd["module.head.bias"] = torch.ones_like(sd["head.bias"])
+    torch.save(sd, tmp_path / "sd.pt")
+    with pytest.raises(CheckpointError, match=r"entries 'head.bias' and 'module.head.bias' are both the parameter"):
+        load_checkpoint(fresh(), tmp_path / "sd.pt")
+
+
+def test_messages_for_bad_files(tmp_path):
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(fresh(), tmp_path / "random.pt")
+    assert "weights_only" not in str(e.value) and "not a readable checkpoint" in str(e.value)
+    (tmp_path / "raw.pkl").write_bytes(__import__("pickle").dumps({"x": _Exploit()}))
+    with pytest.raises(CheckpointError, match=r"not safe to load \(GLOBAL posix.system\)"):
+        load_checkpoint(fresh(), tmp_path / "raw.pkl")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_checkpoint(fresh(), tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        load_checkpoint(fresh(), tmp_path)
+
+
+def test_another_models_weights_give_a_short_summary(tmp_path):
+    torch.save(create_model("eit_mini").state_dict(), tmp_path / "mini.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(create_model("eit_tiny"), tmp_path / "mini.pt")
+    msg = str(e.value)
+    assert len(msg) < 1500, len(msg)
+    assert re.search(r"missing keys \[.*\] and \d+ more", msg) and re.search(r"shape mismatches \[.*\] and \d+ more", msg)
