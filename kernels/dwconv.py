@@ -1,0 +1,126 @@
+"""EIT-T's depthwise 3x3 conv over the patch-token grid, on tokens laid out (B, N = 1 + Hp*Wp, C).
+
+Token 0 is CLS and passes through unchanged; token t >= 1 sits at row (t-1) // Wp, column (t-1) % Wp of
+the grid, zero padding 1. Channels are the contiguous dimension, so a tile is BLOCK_T tokens x BLOCK_C
+channels and each of the 9 taps is one shifted, masked load. Weights are (C, 1, 3, 3), contiguous.
+"""
+import triton
+import triton.language as tl
+
+from .dropout import keep
+
+
+@triton.jit
+def conv_fwd_tile(x_ptr, y_ptr, w_ptr, scale_ptr, seed_ptr, out_ptr, b, pid_t, pid_c,
+                  N, C, GH, GW, s_xb, s_xn, s_xc, s_yb, s_yn, s_yc, s_ob, s_on, s_oc, p_drop,
+                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr):
+    """out[b, t, c] = x[b, t, c] + scale[b] * z[b, t, c], z = dropout(conv(y)) (CLS: z = y), c < C."""
+    b = b.to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_t = t < N
+    mask_c = ch < C
+    r = (t - 1) // GW
+    s = (t - 1) % GW
+    is_patch = (t >= 1) & mask_t
+    y_b = y_ptr + b * s_yb + ch[None, :] * s_yc
+    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for kh in tl.static_range(3):
+        for kw in tl.static_range(3):
+            rr = r + (kh - 1)
+            ss = s + (kw - 1)
+            ok = is_patch & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
+            src = (1 + rr * GW + ss).to(tl.int64)
+            yv = tl.load(y_b + src[:, None] * s_yn, mask=ok[:, None] & mask_c[None, :], other=0.0)
+            wv = tl.load(w_ptr + ch * 9 + (kh * 3 + kw), mask=mask_c, other=0.0)
+            acc += yv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if DROPOUT:
+        kept = keep(seed_ptr, 1, (b * N + t[:, None]) * C + ch[None, :], p_drop)
+        acc = tl.where(kept, acc / (1.0 - p_drop), 0.0)
+    mask = mask_t[:, None] & mask_c[None, :]
+    cls = tl.load(y_b + t[:, None].to(tl.int64) * s_yn, mask=(t == 0)[:, None] & mask_c[None, :], other=0.0)
+    z = tl.where((t == 0)[:, None], cls.to(tl.float32), acc)
+    rows = t[:, None].to(tl.int64)
+    xv = tl.load(x_ptr + b * s_xb + rows * s_xn + ch[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + b)
+    tl.store(out_ptr + b * s_ob + rows * s_on + ch[None, :] * s_oc,
+             (xv + sc * z).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_bwd_input_kernel(gz_ptr, w_ptr, dy_ptr, N, C, GH, GW, s_gb, s_gn, s_gc, s_db, s_dn, s_dc,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dy = conv_transpose(gz) on patch tokens (the 3x3 taps mirrored); dy = gz on CLS.
+
+    gz is the gradient of z: already scaled per sample and masked by the branch dropout."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_t = t < N
+    mask_c = ch < C
+    r = (t - 1) // GW
+    s = (t - 1) % GW
+    is_patch = (t >= 1) & mask_t
+    g_b = gz_ptr + b * s_gb + ch[None, :] * s_gc
+    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for kh in tl.static_range(3):
+        for kw in tl.static_range(3):
+            rr = r - (kh - 1)
+            ss = s - (kw - 1)
+            ok = is_patch & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
+            src = (1 + rr * GW + ss).to(tl.int64)
+            gv = tl.load(g_b + src[:, None] * s_gn, mask=ok[:, None] & mask_c[None, :], other=0.0)
+            wv = tl.load(w_ptr + ch * 9 + (kh * 3 + kw), mask=mask_c, other=0.0)
+            acc += gv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    cls = tl.load(g_b + t[:, None].to(tl.int64) * s_gn, mask=(t == 0)[:, None] & mask_c[None, :], other=0.0)
+    acc = tl.where((t == 0)[:, None], cls.to(tl.float32), acc)
+    tl.store(dy_ptr + b * s_db + t[:, None].to(tl.int64) * s_dn + ch[None, :] * s_dc,
+             acc.to(dy_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def conv_bwd_weight_kernel(gz_ptr, y_ptr, part_ptr, B, N, C, GH, GW, s_gb, s_gn, s_gc, s_yb, s_yn, s_yc,
+                           SPLITS, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[split, tap, c] = sum over this split's (sample, token slab) pairs of gz * shifted y.
+
+    Deterministic: each split writes its own partial; the launcher sums them."""
+    pid_c, tap, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kh = tap // 3
+    kw = tap % 3
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    n_tb = tl.cdiv(N, BLOCK_T)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for j in range(split, B * n_tb, SPLITS):
+        b = (j // n_tb).to(tl.int64)
+        t = (j % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
+        r = (t - 1) // GW
+        s = (t - 1) % GW
+        rr = r + kh - 1
+        ss = s + kw - 1
+        ok = (t >= 1) & (t < N) & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
+        m2 = ok[:, None] & mask_c[None, :]
+        src = (1 + rr * GW + ss).to(tl.int64)
+        gv = tl.load(gz_ptr + b * s_gb + t[:, None].to(tl.int64) * s_gn + ch[None, :] * s_gc, mask=m2, other=0.0)
+        yv = tl.load(y_ptr + b * s_yb + src[:, None] * s_yn + ch[None, :] * s_yc, mask=m2, other=0.0)
+        acc += gv.to(tl.float32) * yv.to(tl.float32)
+    tl.store(part_ptr + (split * 9 + tap).to(tl.int64) * C + ch, tl.sum(acc, 0), mask=mask_c)
+
+
+CONV_BLOCK_T, CONV_BLOCK_C = 16, 64
+WGRAD_SPLITS = 64
+
+
+def launch_conv_backward(gz, y, w, dy, grid_hw, wrap=lambda k: k):
+    """dy (B, N, C) and the weight gradient (C, 1, 3, 3) in fp32, from gz = dL/dz of the conv channels."""
+    import torch
+    B, N, C = gz.shape
+    GH, GW = grid_hw
+    BT, BC = CONV_BLOCK_T, CONV_BLOCK_C
+    wrap(conv_bwd_input_kernel)[(triton.cdiv(N, BT), triton.cdiv(C, BC), B)](
+        gz, w, dy, N, C, GH, GW, *gz.stride(), *dy.stride(), BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
+    splits = max(1, min(WGRAD_SPLITS, B * triton.cdiv(N, BT)))
+    part = torch.empty((splits, 9, C), device=gz.device, dtype=torch.float32)
+    wrap(conv_bwd_weight_kernel)[(triton.cdiv(C, BC), 9, splits)](
+        gz, y, part, B, N, C, GH, GW, *gz.stride(), *y.stride(), splits, BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
+    return part.sum(0).t().reshape(C, 1, 3, 3)
