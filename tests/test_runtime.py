@@ -3,14 +3,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import eit_fast
 from eit_fast import ImplError, create_model
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fused block_mixer can run here")
 def test_fused_refuses_with_a_reason():
-    with pytest.raises(ImplError, match=r"impl='fused' was requested but no fused path is available "
-                                        r"\(block_mixer: not part of this version"):
+    with pytest.raises(ImplError, match=r"impl='fused' was requested but the fused block_mixer cannot run: "
+                                        r"no CUDA GPU"):
         create_model("eit_cifar", impl="fused")
 
 
