@@ -3,14 +3,22 @@ extension eit_fast._C.
 
 The extension is CUDA + CPU when this torch is a CUDA build and a CUDA toolkit is found, CPU only otherwise.
 That is decided from the build environment, never from torch.cuda.is_available(): build hosts have no GPU.
+
+Environment: CUDA_HOME (else the toolkit is searched for: nvcc on PATH, /usr/local/cuda, /usr/local/cuda-*),
+EIT_FAST_CPU_ONLY=1 (skip the CUDA kernels), TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), MAX_JOBS
+(parallel compile jobs, read by torch's ninja build).
 """
 import glob
+import json
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+GENERATED = os.path.join(ROOT, "build", "eit_fast_generated")
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100 and H100 class, plus PTX for newer GPUs
 NO_TORCH = """
 eit_fast's extension (csrc/) must be compiled against the torch that will run it, and this build
 environment has no torch: pip's build isolation hides it (and would fetch another one).
@@ -31,29 +39,87 @@ def packages():
 
 
 def extension_sources():
-    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True, root_dir=ROOT))
-    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True, root_dir=ROOT))
-    return cpp, cu
+    """(C++ sources for every build, C++/CUDA sources only for a CUDA build); csrc/cuda/ holds the latter."""
+    def find(pattern):
+        return sorted(glob.glob(os.path.join("csrc", "**", pattern), recursive=True, root_dir=ROOT))
+    cuda_dir = os.path.join("csrc", "cuda") + os.sep
+    cpp = [f for f in find("*.cpp") if not f.startswith(cuda_dir)]
+    cuda = [f for f in find("*.cpp") + find("*.cu") if f.startswith(cuda_dir)]
+    return cpp, cuda
+
+
+def is_toolkit(path):
+    lib = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib"))
+    return (os.path.isfile(os.path.join(path, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+            and any(glob.glob(os.path.join(path, d, "libcudart.so*")) for d in lib))
+
+
+def find_cuda_home():
+    """(toolkit folder or None, how it was found or why none was).
+
+    torch's own guess with CUDA_HOME unset takes the folder two levels above the first nvcc on PATH, which is
+    wrong when that nvcc is a wrapper script (as in /usr/local/bin/nvcc -> /usr/local); so look ourselves.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            path = os.environ[var]
+            if is_toolkit(path):
+                return path, f"${var}={path}"
+            return None, f"${var}={path} is not a CUDA toolkit (needs bin/nvcc, include/cuda_runtime.h, libcudart)"
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for path in candidates:
+        if is_toolkit(path):
+            return path, f"found at {path}"
+    return None, "no CUDA toolkit found (set CUDA_HOME to one: bin/nvcc, include/cuda_runtime.h, libcudart)"
+
+
+def write_build_info(with_cuda, note):
+    """A header that eit_fast._C exposes as with_cuda / build_note, so eit_fast.info() can say why."""
+    os.makedirs(GENERATED, exist_ok=True)
+    text = (f"#define EIT_FAST_BUILT_WITH_CUDA {int(with_cuda)}\n"
+            f"#define EIT_FAST_BUILD_NOTE {json.dumps(note)}\n")  # a JSON string is a valid C literal here
+    path = os.path.join(GENERATED, "eit_fast_build_info.h")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def extensions():
-    cpp, cu = extension_sources()
-    if not cpp and not cu:
+    cpp, cuda = extension_sources()
+    if not cpp:
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         sys.exit(NO_TORCH)
-    with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None \
-        and os.environ.get("EIT_FAST_CPU_ONLY", "0") != "1"
-    flags = {"cxx": ["-O3", "-std=c++17"]}
-    if with_cuda:
-        flags["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-        ext = CUDAExtension("eit_fast._C", cpp + cu, extra_compile_args=flags,
-                            define_macros=[("EIT_FAST_WITH_CUDA", "1")], py_limited_api=False)
+    cuda_home, found = find_cuda_home()
+    if os.environ.get("EIT_FAST_CPU_ONLY", "0") == "1":
+        with_cuda, note = False, "CPU kernels only: EIT_FAST_CPU_ONLY=1 at build time"
+    elif torch.version.cuda is None:
+        with_cuda, note = False, f"CPU kernels only: torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None:
+        with_cuda, note = False, f"CPU kernels only: {found}"
     else:
-        ext = CppExtension("eit_fast._C", cpp, extra_compile_args=flags)
+        with_cuda, note = True, f"CPU and CUDA kernels (CUDA toolkit {found})"
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when imported below
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        note += f", archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+    print(f"eit_fast._C: building {note}", file=sys.stderr)
+    write_build_info(with_cuda, note)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    flags = {"cxx": ["-O3"]}  # torch sets the C++ standard it needs (C++20 for torch 2.14)
+    include_dirs = [GENERATED]
+    if with_cuda:
+        flags["nvcc"] = ["-O3", "-lineinfo"]
+        ext = CUDAExtension("eit_fast._C", cpp + cuda, extra_compile_args=flags, include_dirs=include_dirs,
+                            py_limited_api=False)
+    else:
+        ext = CppExtension("eit_fast._C", cpp, extra_compile_args=flags, include_dirs=include_dirs)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
