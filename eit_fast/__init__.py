@@ -9,6 +9,13 @@ from .models import EIT, InputError
 from .patching import patch
 from .runtime import ImplError, info
 
+try:  # timm is optional: with it, every named model is registered with timm.create_model
+    import timm as _timm  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import timm_models  # noqa: F401
+
 __all__ = [
     "EIT", "EITConfig", "CONFIGS", "create_model", "get_config", "list_models", "load_checkpoint",
     "save_checkpoint", "count_params", "count_macs", "info", "CheckpointError", "ConfigError", "ImplError",

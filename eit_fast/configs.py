@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 
 class ConfigError(ValueError):
     """A model configuration (or override) that cannot describe a valid model."""
 
 
+class UnknownOptionError(ConfigError, TypeError):
+    """An option that is no field of EITConfig: a TypeError, as for any unknown keyword (Python's and timm's
+    convention), and still a ConfigError for callers that report configuration problems."""
+
+
+GLOBAL_POOLS = ("token", "avg", "")
+
+
 @dataclass(frozen=True)
 class EITConfig:
-    img_size: int = 224
+    # An int (square) or an (H, W) pair; a square pair is stored as an int, so square configs read as before.
+    img_size: Union[int, tuple[int, int]] = 224
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = 1000   # 0: no head, the model returns pooled features (timm's convention)
     embed_dim: int = 250
     depth: int = 5
     num_heads: int = 10
@@ -38,12 +47,24 @@ class EITConfig:
     drop_path_rate: float = 0.0
     # Width of the authors' optional Tanh "pre_logits" layer; None leaves it out (their ImageNet runs).
     pre_logits: Optional[int] = None
+    # What the head reads: "token" (the CLS token, the authors'), "avg" (mean of the patch tokens) or ""
+    # (no pooling: the head runs on every token).
+    global_pool: str = "token"
+    # True: any input size at run time (a learned positional embedding is interpolated, as timm does).
+    dynamic_img_size: bool = False
 
     def __post_init__(self):
-        for name in ("img_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
+        object.__setattr__(self, "img_size", _image_size(self.img_size))
+        for name in ("in_chans", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.num_classes) or self.num_classes < 0:
+            raise ConfigError(f"num_classes must be a non-negative integer (0: no head), got {self.num_classes!r}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
+        if not isinstance(self.dynamic_img_size, bool):
+            raise ConfigError(f"dynamic_img_size must be True or False, got {self.dynamic_img_size!r}")
         if self.stem not in ("eit", "patch"):
             raise ConfigError(f"stem must be 'eit' or 'patch', got {self.stem!r}")
         for name in ("patch_kernel", "patch_stride", "pool", "patch_size"):
@@ -62,35 +83,63 @@ class EITConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
         if self.pre_logits is not None and (not isinstance(self.pre_logits, int) or self.pre_logits < 1):
             raise ConfigError(f"pre_logits must be None or a positive integer, got {self.pre_logits!r}")
-        if self.stem == "patch" and self.img_size % self.patch_size:
+        if self.stem == "patch" and any(side % self.patch_size for side in self.img_hw):
             raise ConfigError(f"patch_size={self.patch_size} does not divide img_size={self.img_size}")
         if self.stem == "eit":
-            conv = self.conv_grid
-            if conv < 1:
+            conv = self.conv_hw
+            if min(conv) < 1:
                 raise ConfigError(
                     f"patch_kernel={self.patch_kernel}, patch_stride={self.patch_stride} give no conv output "
                     f"at img_size={self.img_size}")
-            if conv < self.pool:
-                raise ConfigError(
-                    f"pool={self.pool} is larger than the {conv}x{conv} conv output at img_size={self.img_size}")
+            if min(conv) < self.pool:
+                raise ConfigError(f"pool={self.pool} is larger than the {conv[0]}x{conv[1]} conv output at "
+                                  f"img_size={self.img_size}")
 
     # --- token arithmetic -------------------------------------------------------------------------------
     @property
-    def conv_grid(self) -> int:
-        """Side of the stem conv's output (EIT stem only)."""
+    def img_hw(self) -> tuple[int, int]:
+        """(H, W) of the input image."""
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else s
+
+    @property
+    def conv_hw(self) -> tuple[int, int]:
+        """(H, W) of the stem conv's output (EIT stem only)."""
         k = self.patch_kernel
-        return (self.img_size + 2 * (k // 2) - k) // self.patch_stride + 1
+        return tuple((side + 2 * (k // 2) - k) // self.patch_stride + 1 for side in self.img_hw)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """(Hp, Wp) of the patch-token grid."""
+        if self.stem == "patch":
+            return tuple(side // self.patch_size for side in self.img_hw)
+        return tuple(side // self.pool for side in self.conv_hw)  # MaxPool2d(p, stride p), no padding, floor
+
+    @property
+    def reduction(self) -> int:
+        """Pixels between neighbouring tokens: conv stride x pool, or the patch size."""
+        return self.patch_size if self.stem == "patch" else self.patch_stride * self.pool
+
+    @property
+    def conv_grid(self) -> int:
+        """Side of the stem conv's output, for square images (EIT stem only)."""
+        return self._square(self.conv_hw, "conv_grid", "conv_hw")
 
     @property
     def grid_size(self) -> int:
-        """Side of the square patch-token grid."""
-        if self.stem == "patch":
-            return self.img_size // self.patch_size
-        return self.conv_grid // self.pool  # MaxPool2d(p, stride p), no padding, floor mode
+        """Side of the square patch-token grid, for square images."""
+        return self._square(self.grid_hw, "grid_size", "grid_hw")
+
+    def _square(self, hw: tuple[int, int], name: str, pair: str) -> int:
+        if hw[0] != hw[1]:
+            raise ConfigError(f"{name} is the side of a square grid, but img_size={self.img_size} is not square; "
+                              f"use {pair}")
+        return hw[0]
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        gh, gw = self.grid_hw
+        return gh * gw
 
     @property
     def num_tokens(self) -> int:
@@ -119,11 +168,25 @@ class EITConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ConfigError(f"unknown config option(s) {unknown}; valid options: {sorted(known)}")
+            raise UnknownOptionError(f"unknown config option(s) {unknown}; valid options: {sorted(known)}")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _image_size(value) -> Union[int, tuple[int, int]]:
+    """An int, or an (H, W) pair (a list from JSON metadata too); a square pair becomes an int."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value):
+        h, w = value
+        return h if h == w else (h, w)
+    if _is_int(value) and value >= 1:
+        return value
+    raise ConfigError(f"img_size must be a positive integer or an (H, W) pair of them, got {value!r}")
 
 
 # --- named configs ---------------------------------------------------------------------------------------
@@ -165,3 +228,49 @@ def get_config(name: str, **overrides) -> EITConfig:
     except KeyError:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
     return base.replace(**overrides)
+
+
+# --- timm's pretrained_cfg ---------------------------------------------------------------------------------
+
+PAPER_ID = "arXiv:2203.07116"
+PAPER_NAME = "EIT: Efficiently Lead Inductive Biases to ViT"
+AUTHORS_CODE = "https://github.com/MrHaiPi/EIT"
+
+
+def pretrained_cfg(cfg: EITConfig, name: Optional[str] = None) -> dict:
+    """timm's pretrained_cfg (data config and model facts) for a model of `cfg`. There are no hub weights.
+
+    Evaluation transform as the authors' (DeiT's): bicubic, ImageNet mean/std, crop 0.875 at 224 px; the
+    32 px configs take images whole (crop 1.0), as eit_fast's trainer does.
+    """
+    H, W = cfg.img_hw
+    min_side = cfg.patch_size if cfg.stem == "patch" else \
+        (cfg.pool - 1) * cfg.patch_stride + cfg.patch_kernel - 2 * (cfg.patch_kernel // 2)
+    twin = cfg.stem == "patch" and not cfg.conv_split
+    notes = ("No hub weights: pretrained=True has nothing to download. The authors' ImageNet checkpoints "
+             f"({AUTHORS_CODE}, eit_mini/tiny/base/large) load with eit_fast.load_checkpoint(model, path) or "
+             "eit_fast.create_model(name, checkpoint_path=path).",
+             "The license describes eit_fast's code; the authors' repository states none for its weights.")
+    if twin:
+        notes += ("A plain ViT twin (same width, depth, heads) for the EIT paper's comparison; not a "
+                  "published model.",)
+    return dict(
+        architecture=name,
+        input_size=(cfg.in_chans, H, W),
+        min_input_size=(cfg.in_chans, min_side, min_side),
+        fixed_input_size=not cfg.dynamic_img_size,
+        interpolation="bicubic",
+        crop_pct=0.875 if max(H, W) >= 128 else 1.0,
+        crop_mode="center",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        num_classes=cfg.num_classes,
+        first_conv="patch_embed.proj" if cfg.stem == "patch" else "patch_embed.eit_p.conv",
+        classifier="head",
+        license="mit",
+        description=("ViT twin of EIT" if twin else "EIT") + f" {cfg.embed_dim}/{cfg.depth}/{cfg.num_heads}",
+        origin_url=AUTHORS_CODE,
+        paper_name=PAPER_NAME,
+        paper_ids=PAPER_ID,
+        notes=notes,
+    )

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from typing import Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
@@ -12,23 +14,42 @@ from .patching import patch
 from .runtime import record_selection, resolve_impl
 
 
-def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.PathLike | None = None,
-                 **overrides) -> nn.Module:
+def build_model(name: str, impl: str | None = None, device=None, dtype: Optional[torch.dtype] = None,
+                **overrides) -> EIT:
+    """The named model with config overrides, built on `device` in `dtype`, in the chosen implementation."""
+    cfg = get_config(name, **overrides)  # an unknown option raises a TypeError naming it
+    requested = resolve_impl(impl)
+    model = EIT(cfg, device=device, dtype=dtype)
+    if requested == "reference":
+        record_selection(model=name, requested=requested, chosen="reference", fused=[],
+                         reason="reference: as requested")
+    else:
+        patch(model, strict=requested == "fused", model_name=name, requested=requested)
+    return model
+
+
+def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.PathLike | None = None, *,
+                 features_only: bool = False, out_indices: Union[int, Sequence[int]] = 3,
+                 device=None, dtype: Optional[torch.dtype] = None, **overrides) -> nn.Module:
     """Build a named model, e.g. create_model("eit_mini", num_classes=100).
 
     impl: "reference" (plain PyTorch), "fused" (fast kernels, refuses if unavailable) or "auto" (fastest
     available; eit_fast.info() says which was taken). Default: $EIT_FAST_IMPL, else "reference".
     checkpoint_path: weights to load after building (eit_fast, authors' or bare state_dict, strict).
+    features_only: wrap the model in timm's feature extractor (needs timm): its forward returns the
+    out_indices blocks' outputs as (B, D, Hp, Wp) maps (an int n: the last n blocks).
+    device, dtype: where and in which dtype the parameters are created.
+    Overrides: any EITConfig field (num_classes=0 for pooled features, global_pool, img_size as an int or
+    an (H, W) pair, dynamic_img_size, ...); an unknown keyword raises TypeError.
     """
-    cfg = get_config(name, **overrides)
-    requested = resolve_impl(impl)
-    model = EIT(cfg)
-    if requested == "reference":
-        model.impl = "reference"
-        record_selection(model=name, requested=requested, chosen="reference", fused=[],
-                         reason="reference: as requested")
-    else:
-        patch(model, strict=requested == "fused", model_name=name, requested=requested)
+    model = build_model(name, impl=impl, device=device, dtype=dtype, **overrides)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
+    if features_only:
+        try:
+            from timm.models import FeatureGetterNet
+        except ImportError as e:
+            raise ImportError("features_only=True wraps the model in timm's feature extractor: pip install "
+                              "timm (or call model.forward_intermediates(x, indices) directly)") from e
+        model = FeatureGetterNet(model, out_indices=out_indices)
     return model

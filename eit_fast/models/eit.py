@@ -7,11 +7,15 @@ norm, head. The plain-ViT twins reuse the same classes with a patchify stem and 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from ..configs import EITConfig
+from ..configs import EITConfig, pretrained_cfg
 
 
 class InputError(ValueError):
@@ -21,9 +25,10 @@ class InputError(ValueError):
 class EITPatchProjection(nn.Module):
     """EIT-P: Conv2d(k, stride s, padding k//2, bias) then MaxPool2d(p); no norm, no activation."""
 
-    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, pool: int):
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, pool: int, *, device=None, dtype=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_chans, dim, kernel, stride=stride, padding=kernel // 2, bias=True)
+        self.conv = nn.Conv2d(in_chans, dim, kernel, stride=stride, padding=kernel // 2, bias=True,
+                              device=device, dtype=dtype)
         self.pool = nn.MaxPool2d(pool, stride=pool)
 
     def forward(self, x):
@@ -31,14 +36,16 @@ class EITPatchProjection(nn.Module):
 
 
 class EITPatchEmbed(nn.Module):
-    def __init__(self, cfg: EITConfig):
+    def __init__(self, cfg: EITConfig, *, device=None, dtype=None):
         super().__init__()
-        self.eit_p = EITPatchProjection(cfg.in_chans, cfg.embed_dim, cfg.patch_kernel, cfg.patch_stride, cfg.pool)
+        self.eit_p = EITPatchProjection(cfg.in_chans, cfg.embed_dim, cfg.patch_kernel, cfg.patch_stride, cfg.pool,
+                                        device=device, dtype=dtype)
+        # Plain ints for grid(): TorchScript hides the conv's kernel_size/stride/padding.
+        self.kernel, self.stride, self.pool_size = cfg.patch_kernel, cfg.patch_stride, cfg.pool
 
     def grid(self, h: int, w: int) -> tuple[int, int]:
         """(Hp, Wp) token grid for an h x w image: the conv/pool arithmetic."""
-        conv, pool = self.eit_p.conv, self.eit_p.pool.kernel_size
-        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        k, s, p, pool = self.kernel, self.stride, self.kernel // 2, self.pool_size
         return ((h + 2 * p - k) // s + 1) // pool, ((w + 2 * p - k) // s + 1) // pool
 
     def forward(self, x):
@@ -46,13 +53,14 @@ class EITPatchEmbed(nn.Module):
 
 
 class ViTPatchEmbed(nn.Module):
-    def __init__(self, cfg: EITConfig):
+    def __init__(self, cfg: EITConfig, *, device=None, dtype=None):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size,
+                              device=device, dtype=dtype)
+        self.patch_size = cfg.patch_size
 
     def grid(self, h: int, w: int) -> tuple[int, int]:
-        p = self.proj.kernel_size[0]
-        return h // p, w // p
+        return h // self.patch_size, w // self.patch_size
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -61,14 +69,15 @@ class ViTPatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens (CLS included) on `dim` channels."""
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, *,
+                 device=None, dtype=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True, device=device, dtype=dtype)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
@@ -84,9 +93,10 @@ class Attention(nn.Module):
 class ConvBranch(nn.Module):
     """EIT-T's depthwise 3x3 conv over the patch-token grid; the CLS token's channels pass unchanged."""
 
-    def __init__(self, channels: int, drop: float = 0.0):
+    def __init__(self, channels: int, drop: float = 0.0, *, device=None, dtype=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False,
+                               device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, grid: tuple[int, int]):
@@ -98,11 +108,11 @@ class ConvBranch(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, *, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -133,25 +143,28 @@ class Block(nn.Module):
     z = concat(ConvBranch(y[..., :c]), Attention(y[..., c:])), y = LayerNorm1(x).
     """
 
-    def __init__(self, cfg: EITConfig, layer: int, drop_path: float):
+    def __init__(self, cfg: EITConfig, layer: int, drop_path: float, *, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         dim = cfg.embed_dim
         self.attn_dim, self.conv_dim = cfg.split(layer)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
         if self.attn_dim:
-            self.attn = Attention(self.attn_dim, cfg.num_heads, cfg.attn_drop_rate, cfg.drop_rate)
+            self.attn = Attention(self.attn_dim, cfg.num_heads, cfg.attn_drop_rate, cfg.drop_rate, **dd)
         if self.conv_dim:
-            self.eit_t = ConvBranch(self.conv_dim, cfg.attn_drop_rate)
+            self.eit_t = ConvBranch(self.conv_dim, cfg.attn_drop_rate, **dd)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate, **dd)
 
     def mix(self, y, grid: tuple[int, int]):
-        c = self.conv_dim
-        if not c:
+        # hasattr, not conv_dim/attn_dim: TorchScript resolves it when compiling, so a branch that reads a
+        # missing submodule (no eit_t in the last block) is never compiled.
+        if not hasattr(self, "eit_t"):
             return self.attn(y)
-        if not self.attn_dim:
+        if not hasattr(self, "attn"):
             return self.eit_t(y, grid)
+        c = self.conv_dim
         return torch.cat([self.eit_t(y[..., :c], grid), self.attn(y[..., c:])], dim=-1)
 
     def forward(self, x, grid: tuple[int, int]):
@@ -160,29 +173,80 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class EIT(nn.Module):
-    """EIT (arXiv 2203.07116), or its plain-ViT twin when cfg.stem == "patch" and cfg.conv_split is False."""
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
+    """A learned positional embedding for another token grid, as timm's resample_abs_pos_embed computes it:
+    the prefix (CLS) rows unchanged, the grid rows resized bicubically with antialiasing, in float32."""
+    prefix, rows = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    rows = rows.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    rows = F.interpolate(rows, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    rows = rows.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, rows], dim=1)
 
-    def __init__(self, cfg: EITConfig):
+
+def _grid_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], built: tuple[int, int]) -> torch.Tensor:
+    # Skip the resize at the built size, except while exporting: comparing symbolic sizes would pin them.
+    if torch.jit.is_scripting() or not torch.compiler.is_compiling():
+        if grid[0] == built[0] and grid[1] == built[1]:
+            return pos_embed
+    return resample_pos_embed(pos_embed, grid, built)
+
+
+torch.fx.wrap("_grid_pos_embed")  # FX: a leaf call, since it branches on the run-time grid
+
+
+def _tracing(x) -> bool:
+    """A tracer or compiler runs (FX, torch.jit.trace, dynamo/export): no eager-only input checks."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class EIT(nn.Module):
+    """EIT (arXiv 2203.07116), or its plain-ViT twin when cfg.stem == "patch" and cfg.conv_split is False.
+
+    Follows timm's VisionTransformer API: num_features, head_hidden_size, embed_dim, num_prefix_tokens,
+    global_pool, feature_info, pretrained_cfg; forward_features / forward_head(pre_logits=...),
+    reset_classifier, set_grad_checkpointing, forward_intermediates, prune_intermediate_layers, group_matcher.
+    """
+
+    def __init__(self, cfg: EITConfig, *, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.cfg = cfg
-        self.num_classes = cfg.num_classes
+        self.impl = "reference"
         D = cfg.embed_dim
-        self.patch_embed = EITPatchEmbed(cfg) if cfg.stem == "eit" else ViTPatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D)) if cfg.pos_embed else None
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.in_chans = cfg.in_chans
+        self.embed_dim = self.num_features = D
+        self.head_hidden_size = cfg.pre_logits or D
+        self.num_prefix_tokens = 1
+        self.has_class_token = True
+        self.img_size = cfg.img_hw
+        self.grid_size = cfg.grid_hw
+        self.dynamic_img_size = cfg.dynamic_img_size
+        self.grad_checkpointing = False
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=D, reduction=cfg.reduction)
+                             for i in range(cfg.depth)]
+        self.pretrained_cfg = pretrained_cfg(cfg)
+
+        self.patch_embed = EITPatchEmbed(cfg, **dd) if cfg.stem == "eit" else ViTPatchEmbed(cfg, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D, **dd)) if cfg.pos_embed else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as DeiT
-        self.blocks = nn.ModuleList(Block(cfg, i, rates[i]) for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(cfg, i, rates[i], **dd) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6, **dd)
         if cfg.pre_logits:
-            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(D, cfg.pre_logits), act=nn.Tanh()))
-            head_in = cfg.pre_logits
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(D, cfg.pre_logits, **dd), act=nn.Tanh()))
         else:
             self.pre_logits = nn.Identity()
-            head_in = D
-        self.head = nn.Linear(head_in, cfg.num_classes)
+        self.head = self._new_head(cfg.num_classes, **dd)
         self.init_weights()
+
+    def _new_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        return nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes \
+            else nn.Identity()
 
     # --- init (the authors') -----------------------------------------------------------------------------
     def init_weights(self):
@@ -201,35 +265,165 @@ class EIT(nn.Module):
         if x.shape[1] != cfg.in_chans:
             raise InputError(f"expected {cfg.in_chans} input channels, got {x.shape[1]} (input shape "
                              f"{tuple(x.shape)})")
-        if tuple(x.shape[2:]) != (cfg.img_size, cfg.img_size):
-            raise InputError(f"this model was built for {cfg.img_size}x{cfg.img_size} images, got "
-                             f"{x.shape[2]}x{x.shape[3]}; build it with create_model(..., "
-                             f"img_size={x.shape[2]}) for another size (square images only)")
+        H, W = x.shape[2], x.shape[3]
+        if not self.dynamic_img_size and (H, W) != self.img_size:
+            raise InputError(f"this model was built for {self.img_size[0]}x{self.img_size[1]} images, got "
+                             f"{H}x{W}; build it with img_size=({H}, {W}), or with dynamic_img_size=True to "
+                             f"take any size")
+        if min(self.patch_embed.grid(H, W)) < 1:
+            raise InputError(f"a {H}x{W} image is too small for this stem: it gives no patch token "
+                             f"(at least {self.pretrained_cfg['min_input_size'][1]} px a side)")
         if not x.is_floating_point():
             raise InputError(f"expected a floating-point image tensor, got dtype {x.dtype}")
 
-    def forward_features(self, x):
-        self.check_input(x)
-        grid = self.patch_embed.grid(x.shape[2], x.shape[3])
-        x = self.patch_embed(x)
+    def _pos_embed(self, x, grid: tuple[int, int]):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed
-        x = self.pos_drop(x)
+            pos = self.pos_embed
+            if self.dynamic_img_size:
+                pos = _grid_pos_embed(pos, grid, self.grid_size)
+            x = x + pos
+        return self.pos_drop(x)
+
+    def forward_features(self, x):
+        if not torch.jit.is_scripting():  # TorchScript compiles nothing inside this branch
+            if not _tracing(x):
+                self.check_input(x)
+        grid = self.patch_embed.grid(x.shape[2], x.shape[3])
+        x = self._pos_embed(self.patch_embed(x), grid)
         for blk in self.blocks:
-            x = blk(x, grid)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
         return self.norm(x)
 
-    def forward_head(self, x):
-        return self.head(self.pre_logits(x[:, 0]))
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
+    # --- timm's model API ------------------------------------------------------------------------------
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names the optimiser should not decay: tokens and embeddings (norms/biases go by ndim)."""
         return {"cls_token", "pos_embed"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups, first to last (layer-wise lr decay): the stem, each block, then the final norm
+        (the head and the authors' pre_logits layer fall in the last group)."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for num_classes (0: none, forward returns pooled features); optionally a new pooling."""
+        changes = {"num_classes": num_classes} if global_pool is None else \
+            {"num_classes": num_classes, "global_pool": global_pool}
+        cfg = self.cfg.replace(**changes)  # validates: a bad value raises ConfigError
+        ref = self.cls_token
+        self.head = self._new_head(num_classes, device=ref.device, dtype=ref.dtype)
+        self.head.apply(_init_module)
+        self.head.train(self.training)
+        self.cfg, self.num_classes, self.global_pool = cfg, cfg.num_classes, cfg.global_pool
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, list[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+    ):
+        """Block outputs, as timm's VisionTransformer.forward_intermediates returns them.
+
+        indices: the last n blocks (int), the blocks listed (negative counts from the end), or all (None).
+        output_fmt "NCHW" gives (B, D, Hp, Wp) maps, "NLC" (B, Hp*Wp, D) tokens; the CLS token is stripped
+        (return_prefix_tokens=True pairs each with its (B, 1, D) CLS token). norm applies the final norm.
+        Returns (final features, intermediates), the intermediates alone (intermediates_only), or a dict with
+        "image_intermediates" (and "image_intermediates_prefix", "image_features") (output_dict).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = take_indices(len(self.blocks), indices)
+        if not _tracing(x):
+            self.check_input(x)
+        B, H, W = x.shape[0], x.shape[2], x.shape[3]
+        grid = self.patch_embed.grid(H, W)
+        x = self._pos_embed(self.patch_embed(x), grid)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = checkpoint(blk, x, grid, use_reentrant=False) if self.grad_checkpointing else blk(x, grid)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one `indices` needs (and the final norm / the head); returns the
+        absolute indices kept. model.cfg still describes the unpruned architecture."""
+        take, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def take_indices(num_blocks: int, indices: Optional[Union[int, list[int]]]) -> tuple[list[int], int]:
+    """timm's feature_take_indices: None -> all, int n -> the last n, a list -> those (negative from the end)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_blocks})")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = []
+        for i in indices:
+            idx = num_blocks + i if i < 0 else i
+            if not 0 <= idx < num_blocks:
+                raise ValueError(f"feature index {idx} is out of range (0 to {num_blocks - 1})")
+            take.append(idx)
+    return take, max(take)
 
 def _init_module(m: nn.Module):
     if isinstance(m, nn.Linear):
