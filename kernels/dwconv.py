@@ -79,48 +79,78 @@ def conv_bwd_input_kernel(gz_ptr, w_ptr, dy_ptr, N, C, GH, GW, s_gb, s_gn, s_gc,
 
 
 @triton.jit
+def _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, KH: tl.constexpr, KW: tl.constexpr):
+    """sum over this slab's tokens of gz * y shifted by tap (KH, KW): one (BLOCK_C,) partial."""
+    rr = r + (KH - 1)
+    ss = s + (KW - 1)
+    ok = (t >= 1) & (t < N) & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
+    src = (1 + rr * GW + ss).to(tl.int64)
+    yv = tl.load(y_b + src[:, None] * s_yn, mask=ok[:, None] & mask_c[None, :], other=0.0)
+    return tl.sum(g * yv.to(tl.float32), 0)
+
+
+@triton.jit
 def conv_bwd_weight_kernel(gz_ptr, y_ptr, part_ptr, B, N, C, GH, GW, s_gb, s_gn, s_gc, s_yb, s_yn, s_yc,
                            SPLITS, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """part[split, tap, c] = sum over this split's (sample, token slab) pairs of gz * shifted y.
+    """part[split, tap, c] = sum over this split's (sample, token slab) pairs of gz * shifted y, all 9 taps.
 
     Deterministic: each split writes its own partial; the launcher sums them."""
-    pid_c, tap, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kh = tap // 3
-    kw = tap % 3
+    pid_c, split = tl.program_id(0), tl.program_id(1)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < C
     n_tb = tl.cdiv(N, BLOCK_T)
-    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    a0 = tl.zeros([BLOCK_C], tl.float32)
+    a1 = tl.zeros([BLOCK_C], tl.float32)
+    a2 = tl.zeros([BLOCK_C], tl.float32)
+    a3 = tl.zeros([BLOCK_C], tl.float32)
+    a4 = tl.zeros([BLOCK_C], tl.float32)
+    a5 = tl.zeros([BLOCK_C], tl.float32)
+    a6 = tl.zeros([BLOCK_C], tl.float32)
+    a7 = tl.zeros([BLOCK_C], tl.float32)
+    a8 = tl.zeros([BLOCK_C], tl.float32)
     for j in range(split, B * n_tb, SPLITS):
         b = (j // n_tb).to(tl.int64)
         t = (j % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
         r = (t - 1) // GW
         s = (t - 1) % GW
-        rr = r + kh - 1
-        ss = s + kw - 1
-        ok = (t >= 1) & (t < N) & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
-        m2 = ok[:, None] & mask_c[None, :]
-        src = (1 + rr * GW + ss).to(tl.int64)
-        gv = tl.load(gz_ptr + b * s_gb + t[:, None].to(tl.int64) * s_gn + ch[None, :] * s_gc, mask=m2, other=0.0)
-        yv = tl.load(y_ptr + b * s_yb + src[:, None] * s_yn + ch[None, :] * s_yc, mask=m2, other=0.0)
-        acc += gv.to(tl.float32) * yv.to(tl.float32)
-    tl.store(part_ptr + (split * 9 + tap).to(tl.int64) * C + ch, tl.sum(acc, 0), mask=mask_c)
+        g = tl.load(gz_ptr + b * s_gb + t[:, None].to(tl.int64) * s_gn + ch[None, :] * s_gc,
+                    mask=((t >= 1) & (t < N))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        y_b = y_ptr + b * s_yb + ch[None, :] * s_yc
+        a0 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 0, 0)
+        a1 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 0, 1)
+        a2 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 0, 2)
+        a3 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 1, 0)
+        a4 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 1, 1)
+        a5 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 1, 2)
+        a6 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 2, 0)
+        a7 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 2, 1)
+        a8 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 2, 2)
+    out = part_ptr + split.to(tl.int64) * 9 * C + ch
+    tl.store(out + 0 * C, a0, mask=mask_c)
+    tl.store(out + 1 * C, a1, mask=mask_c)
+    tl.store(out + 2 * C, a2, mask=mask_c)
+    tl.store(out + 3 * C, a3, mask=mask_c)
+    tl.store(out + 4 * C, a4, mask=mask_c)
+    tl.store(out + 5 * C, a5, mask=mask_c)
+    tl.store(out + 6 * C, a6, mask=mask_c)
+    tl.store(out + 7 * C, a7, mask=mask_c)
+    tl.store(out + 8 * C, a8, mask=mask_c)
 
 
 CONV_BLOCK_T, CONV_BLOCK_C = 16, 64
-WGRAD_SPLITS = 64
+WGRAD_SPLITS = 128
 
 
 def launch_conv_backward(gz, y, w, dy, grid_hw, wrap=lambda k: k):
     """dy (B, N, C) and the weight gradient (C, 1, 3, 3) in fp32, from gz = dL/dz of the conv channels."""
     import torch
     B, N, C = gz.shape
-    GH, GW = grid_hw
+    GH, GW = grid_hw[0], max(grid_hw[1], 1)  # no patches (N = 1): keep the modulo defined
     BT, BC = CONV_BLOCK_T, CONV_BLOCK_C
     wrap(conv_bwd_input_kernel)[(triton.cdiv(N, BT), triton.cdiv(C, BC), B)](
         gz, w, dy, N, C, GH, GW, *gz.stride(), *dy.stride(), BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
-    splits = max(1, min(WGRAD_SPLITS, B * triton.cdiv(N, BT)))
+    splits = max(1, min(WGRAD_SPLITS, triton.cdiv(B * triton.cdiv(N, BT), 4)))
     part = torch.empty((splits, 9, C), device=gz.device, dtype=torch.float32)
-    wrap(conv_bwd_weight_kernel)[(triton.cdiv(C, BC), 9, splits)](
+    wrap(conv_bwd_weight_kernel)[(triton.cdiv(C, BC), splits)](
         gz, y, part, B, N, C, GH, GW, *gz.stride(), *y.stride(), splits, BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
     return part.sum(0).t().reshape(C, 1, 3, 3)

@@ -115,7 +115,7 @@ def launch_mixer_forward(x, y, w, qkv, proj_w, proj_b, scale, seed, out, o, lse,
     B, N, D = x.shape
     C = 0 if y is None else y.shape[-1]
     A = D - C
-    GH, GW = grid_hw
+    GH, GW = grid_hw[0], max(grid_hw[1], 1)  # no patches (N = 1): keep the modulo defined
     H = num_heads if A else 1
     HD = A // H if A else 1
     dtype = qkv.dtype if A else y.dtype
