@@ -26,16 +26,15 @@ class DistInfo:
 
 
 def setup(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    """Join the process group torchrun describes (if any) and pick this rank's device.
+
+    A device this machine does not have is a ConfigError naming --device."""
+    from .settings import resolve_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
-        if dev.index is None:
-            dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

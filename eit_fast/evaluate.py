@@ -50,38 +50,44 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "n
 
 
 def load_model_for_eval(path: str, model_name: str | None, use_ema: bool):
-    """The model a file describes, with its weights; and the training run's settings when the file has them.
+    """The model a file describes, with its weights; the training run's settings and class names when the
+    file records them (else {} and None).
 
     eit_fast checkpoints and safetensors exports carry their model config; other files need `model_name`.
     """
-    import json
-
     from . import create_model
-    from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, read_file
-    from .configs import EITConfig
+    from .checkpoint import (CheckpointError, extract_state_dict, load_state_dict_checked, metadata_json,
+                             read_file, read_safetensors_metadata)
+    from .configs import ConfigError, EITConfig
     from .models import EIT
 
     obj = read_file(path)
-    model_config, run_args = None, {}
+    model_config, run_args, classes = None, {}, None
     if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        model_config = json.loads(meta["config"]) if "config" in meta else None
-        run_args = json.loads(meta.get("train_args", "{}"))
+        meta = read_safetensors_metadata(path)
+        model_config = metadata_json(meta, "config", dict, path)
+        run_args = metadata_json(meta, "train_args", dict, path) or {}
+        classes = metadata_json(meta, "classes", list, path)
     elif isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         model_config = obj["config"].get("model_config")
         run_args = obj["config"].get("args", {})
+        classes = obj["config"].get("classes")
+    if classes is not None and not (classes and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: its class list is not a list of names")
+    if not isinstance(run_args, dict):
+        raise CheckpointError(f"{path}: its recorded training settings are not a mapping")
     if model_name:
         model = create_model(model_name)
-    elif model_config is not None:
-        model = EIT(EITConfig(**model_config))
+    elif isinstance(model_config, dict):
+        try:
+            model = EIT(EITConfig(**model_config))
+        except (TypeError, ValueError, ConfigError) as e:
+            raise CheckpointError(f"{path}: its recorded model config is unusable: {e}") from e
     else:
         raise CheckpointError(f"{path} carries no model config; pass --model NAME")
     sd = extract_state_dict(obj, use_ema=use_ema, source=str(path))
-    check_state_dict(model, sd, source=str(path))
-    model.load_state_dict(sd)
-    return model, run_args
+    load_state_dict_checked(model, sd, source=str(path))
+    return model, run_args, classes
 
 
 def main(argv=None) -> int:
@@ -89,11 +95,12 @@ def main(argv=None) -> int:
     from .configs import ConfigError
     from .data.arrays import DataError
     from .data.build import DataSpec, build_data
+    from .settings import NON_NEGATIVE, POSITIVE, SEED, check_ranges, resolve_device
 
     parser = argparse.ArgumentParser(prog="python -m eit_fast.evaluate", description=__doc__, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
-                        help="an eit_fast checkpoint or .safetensors export (both carry their model config), "
-                             "the authors' checkpoint or a bare state_dict (these need --model)")
+                        help="an eit_fast checkpoint or .safetensors export (both carry their model config and "
+                             "class names), the authors' checkpoint or a bare state_dict (these need --model)")
     parser.add_argument("--data", required=True, help="'synthetic', a CIFAR python folder, or a folder with "
                                                       "train/ and val/ (or test/) ImageFolder trees")
     parser.add_argument("--model", help="named config, for files that do not carry their config")
@@ -108,24 +115,27 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-size", type=int, help="'synthetic' only: the training run's "
                                                            "--synthetic-size (default: as recorded, else 8000)")
     args = parser.parse_args(argv)
-
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     try:
-        model, run_args = load_model_for_eval(args.checkpoint, args.model, args.ema)
+        check_ranges(args, {"batch_size": POSITIVE, "workers": NON_NEGATIVE, "seed": SEED,
+                            "synthetic_size": POSITIVE})
+        device = resolve_device(args.device)
+        amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+        model, run_args, classes = load_model_for_eval(args.checkpoint, args.model, args.ema)
         cfg = model.cfg
         seed = args.seed if args.seed is not None else run_args.get("seed", 0)
         synthetic_size = args.synthetic_size or run_args.get("synthetic_size", 8000)
         spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size, workers=args.workers,
                         synthetic_size=synthetic_size)
-        data = build_data(spec, device=device, seed=seed, train=False)
+        data = build_data(spec, device=device, seed=seed, train=False, classes=classes)
         if len(data.classes) != cfg.num_classes:
             raise DataError(f"{args.data} has {len(data.classes)} classes, the model {cfg.num_classes}")
+        if classes is None:
+            print(f"note: {args.checkpoint} records no class names: labels follow the data set's own class "
+                  f"order", file=sys.stderr)
+        r = evaluate(model.to(device), data.val, device, amp)
     except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    r = evaluate(model.to(device), data.val, device, amp)
     print(f"{args.checkpoint}{' (EMA)' if args.ema else ''} on {data.description}")
     print(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
           f"{r['images']} images in {r['seconds']:.1f} s ({r['images'] / r['seconds']:.0f} images/s)")

@@ -1,13 +1,7 @@
-"""`python -m eit_fast.train`: train EIT with mixed precision on one GPU, many (torchrun), or the CPU.
+"""`python -m eit_fast.train`: the Trainer (set-up, loop, checkpoints) and the CLI entry point.
 
-With no arguments it trains a small EIT on the built-in procedural data set (a smoke run that finishes in a
-few minutes on a laptop CPU). Recipes: `--recipe cifar` (our small-data recipe for eit_cifar), `--recipe
-deit` (the authors' ImageNet recipe, DeiT's). Settings come from, lowest to highest: the built-in defaults,
-the recipe, a YAML `--config` file, the command line.
-
-Checkpoints are written atomically and hold everything a resume needs (model, EMA, optimizer, scheduler,
-grad scaler, every rank's RNG state, epoch and position within it): `--resume RUN_DIR` continues exactly.
-SIGTERM / SIGINT saves a checkpoint and exits.
+The settings and their checks are in train_args.py; the run folder (lock, checkpoint files, metrics) in
+run_folder.py. See train_args.DESCRIPTION (the --help text) for what a run does.
 """
 from __future__ import annotations
 
@@ -15,7 +9,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import resource
 import signal
 import sys
@@ -27,150 +20,26 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_save, read_file, save_safetensors
-from .configs import ConfigError, get_config, list_models
+from .checkpoint import CheckpointError, find_nonfinite, load_state_dict_checked, read_file, save_checked, \
+    save_safetensors
+from .configs import ConfigError, get_config
 from .data.arrays import DataError
 from .data.augment import MixupConfig
 from .data.build import DataSpec, build_data
+from .data.fingerprint import fingerprint_difference
 from .data.loader import AugmentConfig
 from .data.sampling import derive_seed
 from .ema import EMA
 from .evaluate import AMP_DTYPES, autocast, evaluate
 from .factory import create_model
 from .optim import make_optimizer, make_scheduler
+from .run_folder import RunFolder, list_checkpoints  # noqa: F401  (list_checkpoints: part of this module's API)
 from .runtime import ImplError
-
-# --- settings ------------------------------------------------------------------------------------------------
-
-RECIPES = {
-    # Our small-data recipe for 32 px images (the authors published none): DeiT's regularisation, lr 1e-3 at
-    # batch 128, 10 warm-up epochs.
-    "cifar": dict(model="eit_cifar", epochs=300, batch_size=128, lr=1e-3, lr_scale_batch=128,
-                  warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, mixup=0.8, cutmix=1.0,
-                  smoothing=0.1, crop_padding=4, ema_decay=0.9999),
-    # DESIGN.md 1.5: the authors' ImageNet recipe (DeiT's, nearly verbatim). torchvision's RandAugment has
-    # no magnitude noise, so "rand-m9-mstd0.5" becomes 2 ops at magnitude 9.
-    "deit": dict(model="eit_mini", epochs=300, batch_size=256, lr=1e-3, lr_scale_batch=512, warmup_epochs=5,
-                 warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, randaugment="2,9", random_erasing=0.25,
-                 mixup=0.8, cutmix=1.0, smoothing=0.1, crop_padding=0, repeated_aug=3, ema_decay=0.99996,
-                 amp="fp16", drop_path=0.1, workers=10),
-}
-
-# Settings of one invocation rather than of the run: a resume takes them from its own command line.
-RESUME_OVERRIDABLE = {"workers", "log_every", "progress", "tensorboard", "stop_after", "keep_last",
-                      "save_every", "device", "compile", "resume", "config"}
-
+from .train_args import RECIPES, RESUME_OVERRIDABLE, build_parser, check_args, default_output, parse_args, \
+    parse_randaugment  # noqa: F401  (RECIPES, build_parser: part of this module's API)
 
 class TrainError(RuntimeError):
-    """Training cannot go on (non-finite loss, an unusable setting)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eit_fast.train", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--config", help="YAML file of settings (keys are these flags' names, e.g. batch_size: 256)")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="named set of defaults; flags still override it")
-    g.add_argument("--output", help="run folder for checkpoints and metrics (default: runs/MODEL-TIMESTAMP)")
-    g.add_argument("--resume", help="continue a run: its folder (latest checkpoint) or a checkpoint file")
-    g.add_argument("--seed", type=int, default=0, help="seeds the data order, augmentation and init")
-    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), "
-                                                    "cpu, cuda, cuda:N")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="eit_micro", help=f"named config: {', '.join(list_models())}")
-    g.add_argument("--impl", default="auto", choices=["reference", "fused", "auto"],
-                   help="fused kernels or the reference model (auto: fused when available)")
-    g.add_argument("--img-size", type=int, help="override the model's image size")
-    g.add_argument("--drop", type=float, help="dropout rate (default: the model config's)")
-    g.add_argument("--attn-drop", type=float, help="attention dropout rate (default: the model config's)")
-    g.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the model config's)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (built-in procedural images, a smoke default), a CIFAR-10/100 python "
-                        "folder, or a folder with train/ and val/ (or test/) ImageFolder trees")
-    g.add_argument("--synthetic-size", type=int, default=8000, help="training images of the synthetic set (plus a quarter as many for validation)")
-    g.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images")
-    g.add_argument("--cache", default="auto", choices=["auto", "device", "host", "none"],
-                   help="decode images once into a uint8 tensor kept on the device/host (auto: for images up "
-                        "to 64 px, on the GPU when it fits); none: DataLoader workers")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank (large images)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=4, help="epochs of the run (sets the schedule's length)")
-    g.add_argument("--batch-size", type=int, default=128, help="images per rank per micro-batch")
-    g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (see --lr-scale-batch)")
-    g.add_argument("--lr-scale-batch", type=int,
-                   help="if set, the peak lr is lr * global_batch / this (DeiT: 512)")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, per step")
-    g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW; none on norms, biases, tokens")
-    g.add_argument("--clip-grad", type=float, help="max global gradient norm (default: no clipping)")
-    g.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype; fp16 adds a GradScaler "
-                                                              "(default: bf16 on CUDA, none on the CPU)")
-    g.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the weights, updated per step (decay warmed up as in timm); 0 turns it off")
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--crop-padding", type=int, default=4, help="random crop after zero-padding (cached path)")
-    g.add_argument("--no-hflip", dest="hflip", action="store_false", help="no random horizontal flip")
-    g.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
-    g.add_argument("--mixup-prob", type=float, default=1.0, help="chance a batch is mixed")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="chance of CutMix when both are on")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--randaugment", help="'N,M': RandAugment with N ops at magnitude M (DataLoader path)")
-    g.add_argument("--random-erasing", type=float, default=0.0, help="probability (DataLoader path)")
-    g.add_argument("--repeated-aug", type=int, default=1, help="DeiT's repeated augmentation count")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides best.pt")
-    g.add_argument("--save-every", type=int, default=1, help="save a checkpoint every N epochs")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    g.add_argument("--stop-after", type=int, help="stop after this optimizer step, saving a checkpoint "
-                                                  "(to split a run across jobs)")
-    g.add_argument("--log-every", type=int, default=20,
-                   help="steps between progress updates and loss health checks (each is a host sync)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboard)")
-    return p
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Destinations the user set on the command line."""
-    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
-    return {act.dest for act in parser._actions if given & set(act.option_strings)}
-
-
-def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
-    import yaml
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
-    dests = {act.dest for act in parser._actions}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - dests)
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {unknown}; see python -m eit_fast.train --help")
-    return values
-
-
-def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    first = parser.parse_args(argv)
-    recipe = dict(RECIPES[first.recipe]) if first.recipe else {}
-    yaml_values = load_yaml(first.config, parser) if first.config else {}
-    if "recipe" in yaml_values and not first.recipe:
-        recipe = dict(RECIPES[yaml_values["recipe"]])
-    parser.set_defaults(**recipe)
-    parser.set_defaults(**yaml_values)
-    return parser.parse_args(argv), explicit_flags(parser, argv) | set(yaml_values)
+    """Training cannot go on (non-finite loss or weights)."""
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -179,6 +48,20 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, explicit: set[str], dist: distributed.DistInfo):
         self.dist, self.device = dist, dist.device
         self.resume_state, self.ckpt_path = None, None
+        resume = Path(args.resume) if args.resume else None
+        # The folder is checked and locked before anything else: a bad --output costs no data building.
+        self.folder = RunFolder(resume if resume is None or resume.is_dir() else resume.parent) if resume \
+            else RunFolder(args.output)
+        try:
+            if dist.is_main:
+                self.folder.open(new_run=resume is None)
+            self._setup(args, explicit)
+        except BaseException:
+            self.folder.close()
+            raise
+
+    def _setup(self, args: argparse.Namespace, explicit: set[str]):
+        dist = self.dist
         if args.resume:
             args = self._load_resume(args, explicit)
         self.args = args
@@ -189,7 +72,7 @@ class Trainer:
         aug = AugmentConfig(
             crop_padding=args.crop_padding, hflip=args.hflip, repeats=args.repeated_aug,
             mixup=MixupConfig(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing),
-            randaugment=_parse_randaugment(args.randaugment), random_erasing=args.random_erasing)
+            randaugment=parse_randaugment(args.randaugment), random_erasing=args.random_erasing)
         img_size = args.img_size or get_config(args.model).img_size
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,
@@ -200,6 +83,11 @@ class Trainer:
                                world_size=dist.world_size)
         if dist.is_main:
             distributed.barrier()
+        if self.resume_state is not None and self.resume_state.get("data_fingerprint") is not None:
+            diff = fingerprint_difference(self.resume_state["data_fingerprint"], self.data.fingerprint)
+            if diff:
+                raise DataError(f"--resume {self.ckpt_path}: the data are not those the run was trained on: "
+                                f"{diff}. Resume on the same data, or start a new run.")
 
         overrides = {k: v for k, v in dict(img_size=args.img_size, drop_rate=args.drop,
                                            attn_drop_rate=args.attn_drop,
@@ -239,34 +127,26 @@ class Trainer:
             self.resume_state = None
         else:
             torch.manual_seed(derive_seed(args.seed, 1, dist.rank))  # dropout masks differ across ranks
-        self.output = Path(args.output)
+        self.output = self.folder.path
         self.tb = None
 
     # --- set-up helpers --------------------------------------------------------------------------------------
     def _validate(self):
         a = self.args
-        for name in ("epochs", "batch_size", "accum_steps", "log_every", "save_every", "eval_every",
-                     "repeated_aug"):
-            if getattr(a, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-        if a.keep_last < 1:
-            raise ConfigError(f"--keep-last must be at least 1, got {a.keep_last}")
-        if not 0 <= a.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
+        check_args(a)  # parse_args checked the command line; a resume merges in the saved settings
         if a.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"{torch.cuda.get_device_name(self.device)} has no bf16; use --amp fp16")
-        if not a.resume and list_checkpoints(Path(a.output)):
-            raise ConfigError(f"{a.output} already holds checkpoints of a run: continue it with --resume "
-                              f"{a.output}, or choose another --output")
 
     def _load_resume(self, args, explicit) -> argparse.Namespace:
         path = Path(args.resume)
-        if path.is_dir():
-            ckpts = list_checkpoints(path)
-            if not ckpts:
-                raise CheckpointError(f"--resume {path}: the folder holds no checkpoint-*.pt")
-            path = ckpts[-1]
-        state = read_file(path)
+        if path.is_dir():  # the newest checkpoint that verifies; rank 0 decides for all
+            state = None
+            if self.dist.is_main:
+                path, state = self.folder.newest_readable()
+            path = Path(distributed.broadcast_object(str(path)))
+            state = state if state is not None else read_file(path)
+        else:
+            state = read_file(path)
         if not isinstance(state, dict) or "train_state" not in state:
             raise CheckpointError(f"--resume {path}: not an eit_fast training checkpoint (no train_state)")
         saved = dict(state["config"]["args"])
@@ -283,9 +163,9 @@ class Trainer:
 
     def _restore(self, state):
         ts = state["train_state"]
-        self.model.load_state_dict(state["model"])
+        load_state_dict_checked(self.model, state["model"], str(self.ckpt_path))
         if self.ema is not None:
-            self.ema.module.load_state_dict(state["model_ema"])
+            load_state_dict_checked(self.ema.module, state["model_ema"], f"{self.ckpt_path} (EMA)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -300,12 +180,16 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.args.stop_after is not None and self.args.stop_after <= self.step:
+            raise ConfigError(f"argument --stop-after: {self.args.stop_after} is not after the checkpoint's step "
+                              f"{self.step}")
+        if self.dist.is_main:
+            self.folder.drop_metrics_after(self.epoch)  # epochs after the checkpoint are redone
 
     # --- main loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
         a, main = self.args, self.dist.is_main
         if main:
-            self.output.mkdir(parents=True, exist_ok=True)
             if a.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -327,6 +211,7 @@ class Trainer:
                 signal.signal(s, h)
             if self.tb is not None:
                 self.tb.close()
+            self.folder.close()
 
     def _run(self) -> int:
         a = self.args
@@ -340,6 +225,7 @@ class Trainer:
             finished = self._train_epoch()
             train_time = time.perf_counter() - t0
             if not finished:
+                self._check_health()  # the stop may come between health checks: never save a diverged state
                 self._save_checkpoint()
                 reason = f"signal {self.signal}" if self.signal else f"--stop-after {a.stop_after}"
                 self._print(f"stopped at step {self.step} ({reason}); checkpoint saved. Continue with: "
@@ -475,8 +361,7 @@ class Trainer:
                 record["best"] = True
         record["peak_mem_mib"] = peak_memory_mib(self.device)
         if self.dist.is_main:
-            with open(self.output / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.folder.append_metrics(record)
             if self.tb is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k not in ("epoch", "best"):
@@ -499,7 +384,6 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = {
-            "format": "eit_fast", "format_version": 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
@@ -510,19 +394,28 @@ class Trainer:
             "train_state": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "best": self.best,
                             "epoch_stats": self.epoch_stats.cpu(), "epoch_images": self.epoch_images,
                             "rng": rngs},
+            "data_fingerprint": self.data.fingerprint,
         }
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
-        path = self.output / f"checkpoint-{self.step:08d}.pt"
-        atomic_save(lambda tmp: torch.save(state, tmp), path)
+        bad = find_nonfinite({k: state[k] for k in ("model", "model_ema", "optimizer") if k in state})
+        if bad:
+            last = self.folder.checkpoints()
+            raise TrainError(f"not saving a checkpoint at step {self.step}: {len(bad)} tensor(s) hold NaN/inf "
+                             f"(e.g. {', '.join(bad[:3])}). Try a lower --lr, --clip-grad 1.0 or --amp none"
+                             + (f", and resume from the last good checkpoint, {last[-1]}" if last else ""))
+        save_checked(state, self.output / f"checkpoint-{self.step:08d}.pt")
         if record is not None and record.get("best"):
-            atomic_save(lambda tmp: torch.save(state, tmp), self.output / "best.pt")
-        for old in list_checkpoints(self.output)[:-self.args.keep_last]:
-            old.unlink()
+            save_checked(state, self.output / "best.pt")
+        self.folder.rotate(self.args.keep_last)
 
     # --- misc ------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
+        owner = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != owner:  # a forked DataLoader worker: the trainer process reports and stops
+                return
             if self.signal is not None:  # a second signal: stop now
                 raise KeyboardInterrupt
             self.signal = signum
@@ -539,30 +432,10 @@ class Trainer:
             print(msg, flush=True)
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    """checkpoint-STEP.pt files, oldest first (temporary files of an interrupted write are not matched)."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt")
-             if (m := re.fullmatch(r"checkpoint-(\d+)\.pt", p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _parse_randaugment(spec: str | None) -> tuple[int, int] | None:
-    if spec in (None, "", "none"):
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", str(spec))
-    if not m:
-        raise ConfigError(f"--randaugment expects 'N,M' (ops, magnitude), e.g. 2,9; got {spec!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def default_output(model: str) -> str:
-    return os.path.join("runs", f"{model}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def main(argv=None) -> int:
@@ -571,7 +444,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dist = distributed.setup(args.device)
+    try:
+        dist = distributed.setup(args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if not args.output and not args.resume:
             args.output = distributed.broadcast_object(default_output(args.model))

@@ -260,7 +260,7 @@ def test_empty_class_and_unreadable_image_are_named(tmp_path, capsys):
 def test_image_folder_trains_and_evaluates(tmp_path, capsys):
     write_folder(tmp_path / "d", n=16)
     out = tmp_path / "run"
-    assert run(out, "--data", str(tmp_path / "d"), "--batch-size", "8", "--synthetic-size", "0") == 0
+    assert run(out, "--data", str(tmp_path / "d"), "--batch-size", "8") == 0
     from eit_fast import evaluate
     capsys.readouterr()
     ckpt = sorted(out.glob("checkpoint-*.pt"))[-1]

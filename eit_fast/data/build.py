@@ -15,6 +15,7 @@ import torch
 
 from .arrays import DataError
 from .cifar import find_cifar, read_cifar
+from .fingerprint import class_difference, split_fingerprint
 from .folder import decode_folder, scan_image_folder
 from .loader import AugmentConfig, TensorLoader, WorkerLoader
 from .synthetic import make_synthetic
@@ -44,6 +45,7 @@ class Data:
     val: TensorLoader | WorkerLoader
     classes: list[str]
     description: str
+    fingerprint: dict | None = None  # {"train": ..., "val": ...} when the training loader was built
 
 
 def default_decode_cache_dir() -> str:
@@ -93,12 +95,26 @@ class _Split:
     labels: torch.Tensor
     classes: list[str]
     source: str
+    root: Path | None = None  # the folder image paths are relative to
 
     def select(self, keep: torch.Tensor | None) -> "_Split":
         if keep is None:
             return self
         items = self.items[keep] if isinstance(self.items, torch.Tensor) else [self.items[i] for i in keep.tolist()]
-        return _Split(items, self.labels[keep], self.classes, f"{self.source} (subset of {len(keep)})")
+        return _Split(items, self.labels[keep], self.classes, f"{self.source} (subset of {len(keep)})", self.root)
+
+    def relabel(self, classes: list[str]) -> "_Split":
+        """Labels indexing `classes` (the list a model was trained with) instead of this split's own order."""
+        if self.classes == classes:
+            return self
+        if sorted(self.classes) != sorted(classes):
+            raise DataError(f"{self.source}: its classes are not the ones the weights were trained on "
+                            f"({class_difference(classes, self.classes)})")
+        lut = torch.tensor([classes.index(c) for c in self.classes], dtype=torch.int64)
+        return _Split(self.items, lut[self.labels], list(classes), self.source, self.root)
+
+    def fingerprint(self) -> dict:
+        return split_fingerprint(self.items, self.labels, self.classes, self.root)
 
 
 def _read_splits(spec: DataSpec, seed: int, cached: bool) -> tuple[_Split, _Split]:
@@ -119,9 +135,9 @@ def _read_splits(spec: DataSpec, seed: int, cached: bool) -> tuple[_Split, _Spli
             scans = [scan_image_folder(f) for f in folders]
             if scans[1][2] != scans[0][2]:
                 raise DataError(f"{folders[1]}: its classes differ from {folders[0]}'s "
-                                f"({len(scans[1][2])} vs {len(scans[0][2])} classes)")
+                                f"({class_difference(scans[0][2], scans[1][2])})")
             if not cached:
-                return tuple(_Split(paths, torch.as_tensor(labels), classes, f"ImageFolder {folder}")
+                return tuple(_Split(paths, torch.as_tensor(labels), classes, f"ImageFolder {folder}", folder)
                              for folder, (paths, labels, classes) in zip(folders, scans))
             cache_dir = spec.decode_cache_dir or default_decode_cache_dir()
             arrays = tuple(decode_folder(f, spec.img_size, cache_dir=cache_dir) for f in folders)
@@ -129,14 +145,20 @@ def _read_splits(spec: DataSpec, seed: int, cached: bool) -> tuple[_Split, _Spli
 
 
 def build_data(spec: DataSpec, *, device, seed: int = 0, rank: int = 0, world_size: int = 1,
-               train: bool = True) -> Data:
-    """Loaders for `spec`; with train=False only the validation loader is built (Data.train is None)."""
+               train: bool = True, classes: list[str] | None = None) -> Data:
+    """Loaders for `spec`; with train=False only the validation loader is built (Data.train is None).
+
+    classes: the class list a model was trained with; labels then index it (a data set with the same classes
+    in another order is relabelled, one with other classes refused)."""
     device = torch.device(device)
     # Folders are cached at the model's size if it is small; in-memory sets keep their own size.
     cached = _use_tensor_loader(spec, spec.img_size if spec.img_size <= CACHE_MAX_SIDE else None)
     train_split, val_split = _read_splits(spec, seed, cached)
     train_split = train_split.select(subset_indices(len(train_split.labels), spec.train_subset, seed))
+    if classes is not None:
+        train_split, val_split = train_split.relabel(list(classes)), val_split.relabel(list(classes))
     classes = train_split.classes
+    fingerprint = {"train": train_split.fingerprint(), "val": val_split.fingerprint()} if train else None
     decoded = isinstance(train_split.items, torch.Tensor)
     if decoded and train_split.items.shape[-1] != spec.img_size:
         cached = False  # e.g. 32 px CIFAR for a 224 px model: resize in the workers
@@ -162,4 +184,4 @@ def build_data(spec: DataSpec, *, device, seed: int = 0, rank: int = 0, world_si
                             train=is_train, aug=spec.aug, workers=spec.workers, **common)
 
     return Data(make(train_split, True, spec.batch_size) if train else None, make(val_split, False, eval_bs),
-                list(classes), desc)
+                list(classes), desc, fingerprint)

@@ -127,12 +127,23 @@ def _decode_one(path: Path, img_size: Optional[int]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # Image.open reads only the header: decode here, inside the try
-            rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image (~15%)
+            rgb = to_rgb(im)
             if img_size is not None and rgb.size != (img_size, img_size):
                 rgb = _resize_centre_crop(rgb, img_size)
             return np.asarray(rgb)
     except Exception as e:  # a corrupt file fails in whatever way the image plugin fails
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG gives "I;16" or "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit greyscale is scaled (65535 -> 255): PIL's convert() would clip it at 255."""
+    if im.mode in _HIGH_BIT_MODES:
+        a = np.asarray(im).astype(np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # mode L
+    return im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image (~15%)
 
 
 def _resize_centre_crop(im: Image.Image, size: int) -> Image.Image:

@@ -19,6 +19,7 @@ import torch
 
 from ..configs import ConfigError
 from .arrays import DataError
+from .folder import to_rgb
 from .augment import IMAGENET_MEAN, IMAGENET_STD, MixupConfig, mixup_cutmix, normalization, normalize, \
     one_hot_smooth, random_crop_flip
 from .sampling import derive_seed, epoch_indices, eval_indices
@@ -51,13 +52,13 @@ class _Base:
     def __init__(self, num_samples: int, batch_size: int, train: bool, num_classes: int, aug: AugmentConfig,
                  seed: int, rank: int, world_size: int, device: torch.device):
         if batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {batch_size}")
+            raise DataError(f"batch size must be positive, got {batch_size}")
         self.num_samples, self.batch_size, self.train = num_samples, batch_size, train
         self.num_classes, self.aug, self.seed = num_classes, aug, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         if train and len(self) == 0:
-            raise ValueError(f"{num_samples} training samples over {world_size} rank(s) give no full batch "
-                             f"of {batch_size}; lower --batch-size")
+            raise DataError(f"{num_samples} training samples over {world_size} rank(s) give no full batch "
+                            f"of {batch_size}; lower --batch-size")
 
     def indices(self, epoch: int) -> torch.Tensor:
         if self.train:
@@ -155,9 +156,11 @@ class _SeededItems(torch.utils.data.Dataset):
             return Image.fromarray(src.permute(1, 2, 0).numpy())
         try:
             with Image.open(src) as im:
-                return im.convert("RGB")
-        except OSError as e:
-            raise DataError(f"cannot read image {src}: {e}") from e
+                im.load()  # decode now: the file closes when this block ends
+                rgb = to_rgb(im)
+                return rgb.copy() if rgb is im else rgb
+        except Exception as e:  # a corrupt file, or one over PIL's pixel limit: name it, whatever failed
+            raise DataError(f"cannot read image {src}: {type(e).__name__}: {e}") from e
 
 
 class _ItemSampler(torch.utils.data.Sampler):
