@@ -46,21 +46,22 @@ def test_state_dict_matches_authors_names_and_shapes(name):
 def functional_eit(sd, cfg, x):
     """An independent float64 re-statement of DESIGN.md 1.1-1.2, head by head, from the state_dict alone."""
     w = {k: v.double() for k, v in sd.items()}
-    k, g, D, H = cfg.patch_kernel, cfg.grid_size, cfg.embed_dim, cfg.num_heads
+    k, D, H = cfg.patch_kernel, cfg.embed_dim, cfg.num_heads
+    gh, gw = cfg.grid_hw
     y = F.conv2d(x.double(), w["patch_embed.eit_p.conv.weight"], w["patch_embed.eit_p.conv.bias"],
                  stride=cfg.patch_stride, padding=k // 2)
     y = F.max_pool2d(y, cfg.pool)
     B = y.shape[0]
-    t = torch.cat([w["cls_token"].expand(B, 1, D), y.reshape(B, D, g * g).transpose(1, 2)], dim=1)
+    t = torch.cat([w["cls_token"].expand(B, 1, D), y.reshape(B, D, gh * gw).transpose(1, 2)], dim=1)
     for i, (a, c) in enumerate(cfg.splits):
         p = f"blocks.{i}."
         h = F.layer_norm(t, (D,), w[p + "norm1.weight"], w[p + "norm1.bias"], 1e-6)
         parts = []
         if c:  # the conv branch takes the first c channels; CLS passes through
             hc = h[..., :c]
-            grid = hc[:, 1:].transpose(1, 2).reshape(B, c, g, g)
+            grid = hc[:, 1:].transpose(1, 2).reshape(B, c, gh, gw)
             conv = F.conv2d(grid, w[p + "eit_t.conv1.weight"], padding=1, groups=c)
-            parts.append(torch.cat([hc[:, :1], conv.reshape(B, c, g * g).transpose(1, 2)], dim=1))
+            parts.append(torch.cat([hc[:, :1], conv.reshape(B, c, gh * gw).transpose(1, 2)], dim=1))
         if a:
             q, kk, v = F.linear(h[..., c:], w[p + "attn.qkv.weight"], w[p + "attn.qkv.bias"]).split(a, dim=-1)
             hd = a // H
@@ -91,10 +92,11 @@ def randomize(model):
     ("eit_cifar", {}),
     ("eit_mini", {"num_classes": 7}),
     ("eit_cifar", {"embed_dim": 40, "num_heads": 10}),   # first layer is conv-only
+    ("eit_cifar", {"img_size": (24, 40)}),               # non-square: a 6x10 token grid
 ])
 def test_reference_matches_independent_functional_model(name, overrides):
     model = randomize(create_model(name, **overrides)).double().eval()
-    x = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size, dtype=torch.float64)
+    x = torch.randn(2, 3, *model.cfg.img_hw, dtype=torch.float64)
     ref = functional_eit(model.state_dict(), model.cfg, x)
     out = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -186,7 +188,8 @@ def test_vit_twin_is_a_plain_vit():
 
 
 @pytest.mark.parametrize("shape, dtype, message", [
-    ((1, 3, 224, 224), torch.float32, "this model was built for 32x32 images, got 224x224"),
+    ((1, 3, 224, 224), torch.float32, "this model was built for 32x32 images, got 224x224; build it with "
+                                      "img_size=(224, 224), or with dynamic_img_size=True"),
     ((1, 1, 32, 32), torch.float32, "expected 3 input channels, got 1"),
     ((3, 32, 32), torch.float32, "expected a 4-D image batch (B, C, H, W), got shape (3, 32, 32)"),
     ((1, 3, 32, 33), torch.float32, "got 32x33"),
@@ -197,3 +200,224 @@ def test_bad_input(shape, dtype, message):
     with pytest.raises(InputError) as e:
         model(torch.zeros(shape, dtype=dtype))
     assert message in str(e.value)
+
+
+# --- any image size ----------------------------------------------------------------------------------------
+
+def test_dynamic_img_size_agrees_with_a_model_built_for_that_size():
+    """Issue 10: one eit_mini runs at 224 px and at 160x256, and agrees with a model built for 160x256."""
+    model = randomize(create_model("eit_mini", dynamic_img_size=True)).eval()
+    fixed = create_model("eit_mini")
+    wide = create_model("eit_mini", img_size=(160, 256))
+    fixed.load_state_dict(model.state_dict())
+    wide.load_state_dict(model.state_dict())  # no positional embedding: the same weights fit any size
+    assert wide.cfg.grid_hw == (13, 21) and wide.eval().patch_embed.grid(160, 256) == (13, 21)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)
+        torch.testing.assert_close(model(x), fixed.eval()(x), rtol=0, atol=0)
+        x = torch.randn(1, 3, 160, 256)
+        torch.testing.assert_close(model(x), wide(x), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(model(x), model(x[..., :, :224]))  # the size reaches the output
+
+
+def test_dynamic_img_size_interpolates_a_learned_positional_embedding():
+    from eit_fast.models.eit import resample_pos_embed
+    model = randomize(create_model("vit_cifar", dynamic_img_size=True)).eval()
+    built = create_model("vit_cifar", img_size=(48, 64)).eval()
+    sd = model.state_dict()
+    sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], (12, 16), (8, 8))
+    built.load_state_dict(sd)
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), built(x), rtol=1e-5, atol=1e-5)
+        # At the built size the embedding is used as it is (no resampling round trip).
+        fixed = create_model("vit_cifar").eval()
+        fixed.load_state_dict(model.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(model(x), fixed(x))
+
+
+def test_resample_pos_embed_keeps_cls_and_is_identity_at_the_same_size():
+    from eit_fast.models.eit import resample_pos_embed
+    pos = torch.randn(1, 1 + 6 * 4, 8)
+    same = resample_pos_embed(pos, (6, 4), (6, 4))
+    torch.testing.assert_close(same, pos, rtol=1e-5, atol=1e-5)
+    big = resample_pos_embed(pos, (12, 8), (6, 4))
+    assert big.shape == (1, 1 + 96, 8) and torch.equal(big[:, :1], pos[:, :1])
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("eit_cifar", (1, 3, 2, 2), "a 2x2 image is too small for this stem: it gives no patch token (at least 4"),
+    ("vit_cifar", (1, 3, 3, 32), "a 3x32 image is too small"),
+])
+def test_dynamic_img_size_refuses_images_without_a_token(name, size, message):
+    model = create_model(name, dynamic_img_size=True)
+    with pytest.raises(InputError) as e:
+        model(torch.zeros(size))
+    assert message in str(e.value)
+
+
+# --- timm's model API (without timm) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, reduction", [("eit_mini", 12), ("vit_mini", 16), ("eit_micro", 4),
+                                             ("vit_cifar", 4)])
+def test_timm_attributes(name, reduction):
+    model = create_model(name)
+    D, depth = model.cfg.embed_dim, model.cfg.depth
+    assert (model.num_features, model.embed_dim, model.head_hidden_size) == (D, D, D)
+    assert (model.num_prefix_tokens, model.global_pool, model.num_classes) == (1, "token", model.cfg.num_classes)
+    assert model.feature_info == [dict(module=f"blocks.{i}", num_chs=D, reduction=reduction) for i in range(depth)]
+    assert dict(model.named_modules())["blocks.0"] is model.blocks[0]
+    assert model.get_classifier() is model.head
+    assert model.pretrained_cfg["input_size"] == (3, *model.cfg.img_hw)
+    assert create_model(name, pre_logits=64).head_hidden_size == 64
+
+
+def test_pooled_features_and_pooling_modes():
+    model = randomize(create_model("eit_micro")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert tokens.shape == (2, 65, 96)
+        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+        torch.testing.assert_close(model(x), model.head(tokens[:, 0]))
+        for pool, pooled in [("token", tokens[:, 0]), ("avg", tokens[:, 1:].mean(1)), ("", tokens)]:
+            feats = create_model("eit_micro", num_classes=0, global_pool=pool).eval()
+            feats.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+            assert isinstance(feats.head, torch.nn.Identity) and feats.num_classes == 0
+            torch.testing.assert_close(feats(x), pooled, rtol=0, atol=0)
+
+
+def test_reset_classifier():
+    model = randomize(create_model("eit_micro")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), tokens[:, 0], rtol=0, atol=0)
+        assert model.num_classes == 0 and model.cfg.num_classes == 0
+        model.reset_classifier(5, global_pool="avg")
+        assert model.head.weight.shape == (5, 96) and (model.head.bias == 0).all()
+        torch.testing.assert_close(model(x), model.head(tokens[:, 1:].mean(1)))
+        assert (model.cfg.num_classes, model.cfg.global_pool, model.global_pool) == (5, "avg", "avg")
+    # The new config rebuilds the same architecture (checkpoints carry model.cfg).
+    eit_fast.EIT(model.cfg).load_state_dict(model.state_dict())
+    with pytest.raises(eit_fast.ConfigError, match=r"global_pool must be one of \('token', 'avg', ''\), got 'max'"):
+        model.reset_classifier(5, global_pool="max")
+    with pytest.raises(eit_fast.ConfigError, match="num_classes must be a non-negative integer"):
+        model.reset_classifier(-1)
+
+
+def test_reset_classifier_keeps_device_dtype_and_mode():
+    model = create_model("eit_micro", dtype=torch.float64).train()
+    model.reset_classifier(3)
+    assert model.head.weight.dtype == torch.float64 and model.head.training
+
+
+def test_device_and_dtype_build_in_place():
+    meta = create_model("eit_mini", device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert eit_fast.count_params(meta) == PARAMS["eit_mini"]
+    low = create_model("eit_micro", dtype=torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert low(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["eit_micro", "vit_cifar"])
+def test_grad_checkpointing_recomputes_blocks_and_gives_equal_gradients(name):
+    model = randomize(create_model(name, drop_path_rate=0.3, attn_drop_rate=0.2)).train()
+    x = torch.randn(3, 3, 32, 32)
+    calls = []
+    for blk in model.blocks:  # a pre-hook: the recomputation may stop before a block's end
+        blk.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def grads(enable):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(7)  # the same dropout and drop-path draws in both runs
+        model(x).square().mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert plain_calls == model.cfg.depth and ckpt_calls == 2 * model.cfg.depth  # recomputed in backward
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def block_outputs(model, x):
+    """Each block's output, caught by forward hooks."""
+    outs = []
+    handles = [blk.register_forward_hook(lambda m, args, out: outs.append(out)) for blk in model.blocks]
+    with torch.no_grad():
+        final = model.forward_features(x)
+    for h in handles:
+        h.remove()
+    return final, outs
+
+
+@pytest.mark.parametrize("name, size", [("eit_micro", (32, 32)), ("eit_micro", (24, 40)), ("vit_cifar", (32, 32))])
+def test_forward_intermediates_match_hooks_on_the_blocks(name, size):
+    model = randomize(create_model(name, dynamic_img_size=True)).eval()
+    x = torch.randn(2, 3, *size)
+    final, outs = block_outputs(model, x)
+    gh, gw = model.patch_embed.grid(*size)
+    D, depth = model.embed_dim, model.cfg.depth
+    with torch.no_grad():
+        last, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(last, final, rtol=0, atol=0)
+        assert len(maps) == depth
+        for y, ref in zip(maps, outs):
+            assert y.shape == (2, D, gh, gw) and y.is_contiguous()
+            torch.testing.assert_close(y, ref[:, 1:].transpose(1, 2).reshape(2, D, gh, gw), rtol=0, atol=0)
+        nlc = model.forward_intermediates(x, indices=[0, -1], output_fmt="NLC", norm=True, intermediates_only=True)
+        assert len(nlc) == 2
+        torch.testing.assert_close(nlc[0], model.norm(outs[0])[:, 1:], rtol=0, atol=0)
+        torch.testing.assert_close(nlc[1], final[:, 1:], rtol=0, atol=0)
+        pairs = model.forward_intermediates(x, indices=2, return_prefix_tokens=True, intermediates_only=True)
+        assert [p[1].shape for p in pairs] == [(2, 1, D)] * 2
+        torch.testing.assert_close(pairs[0][1], outs[depth - 2][:, :1], rtol=0, atol=0)
+        d = model.forward_intermediates(x, indices=1, output_dict=True, return_prefix_tokens=True, stop_early=True)
+        assert set(d) == {"image_intermediates", "image_intermediates_prefix", "image_features"}
+        torch.testing.assert_close(d["image_features"], final, rtol=0, atol=0)
+
+
+def test_forward_intermediates_stop_early_and_bad_arguments():
+    model = create_model("eit_micro").eval()
+    calls = []
+    model.blocks[-1].register_forward_hook(lambda *_: calls.append(1))
+    model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=[1], stop_early=True, intermediates_only=True)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"feature index 4 is out of range \(0 to 3\)"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=[4])
+    with pytest.raises(ValueError, match=r"last-n \(5\) is out of range \(1 to 4\)"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=5)
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC', got 'NHWC'"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NHWC")
+    with pytest.raises(InputError, match="expected 3 input channels, got 1"):
+        model.forward_intermediates(torch.randn(1, 1, 32, 32))
+
+
+def test_prune_intermediate_layers():
+    model = randomize(create_model("eit_micro")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert model.prune_intermediate_layers([0, -3], prune_norm=True) == [0, 1]
+    assert len(model.blocks) == 2 and isinstance(model.norm, torch.nn.Identity)
+    assert isinstance(model.head, torch.nn.Identity) and model.global_pool == ""
+    got = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_group_matcher_covers_stem_blocks_and_norm():
+    import re
+    model = create_model("vit_cifar")
+    m = model.group_matcher()
+    stem = [k for k, _ in model.named_parameters() if re.match(m["stem"], k)]
+    assert sorted(stem) == ["cls_token", "patch_embed.proj.bias", "patch_embed.proj.weight", "pos_embed"]
+    block_re = m["blocks"][0][0]
+    assert {int(re.match(block_re, k).group(1)) for k, _ in model.named_parameters() if re.match(block_re, k)} == \
+        set(range(5))
