@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 import eit_fast
@@ -62,7 +64,13 @@ def test_list_models():
     (dict(stem="pyramid"), "stem must be 'eit' or 'patch'"),
     (dict(stem="patch", patch_size=15), "patch_size=15 does not divide img_size=224"),
     (dict(pre_logits=0), "pre_logits must be None or a positive integer"),
-    (dict(heads=10), "unknown config option(s) ['heads']"),
+    (dict(num_classes=-1), "num_classes must be a non-negative integer (0: no head)"),
+    (dict(global_pool="max"), "global_pool must be one of ('token', 'avg', ''), got 'max'"),
+    (dict(dynamic_img_size=1), "dynamic_img_size must be True or False"),
+    (dict(img_size=(224, 0)), "img_size must be a positive integer or an (H, W) pair of them, got (224, 0)"),
+    (dict(img_size=(224, 224, 3)), "img_size must be a positive integer or an (H, W) pair"),
+    (dict(img_size=(4, 224)), "pool=3 is larger than the 2x57 conv output at img_size=(4, 224)"),
+    (dict(stem="patch", img_size=(224, 200), patch_size=16), "patch_size=16 does not divide img_size=(224, 200)"),
 ])
 def test_bad_overrides(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -73,3 +81,38 @@ def test_bad_overrides(overrides, message):
 def test_unknown_model_name():
     with pytest.raises(ConfigError, match=r"unknown model 'eit_huge'; available: eit_base, eit_cifar"):
         eit_fast.create_model("eit_huge")
+
+
+@pytest.mark.parametrize("overrides", [dict(heads=10), dict(features=1, num_classes=3)])
+def test_unknown_option_is_a_type_error_naming_it(overrides):
+    with pytest.raises(TypeError) as e:
+        eit_fast.create_model("eit_mini", **overrides)
+    assert f"unknown config option(s) {sorted(set(overrides) - {'num_classes'})}" in str(e.value)
+    assert isinstance(e.value, ConfigError)  # the CLIs report it as a configuration error
+
+
+def test_image_size_pairs():
+    square = get_config("eit_mini", img_size=(224, 224))
+    assert square.img_size == 224 and square == get_config("eit_mini")  # stored as before
+    wide = get_config("eit_mini", img_size=[160, 256])  # a list, as JSON metadata gives it back
+    assert wide.img_size == (160, 256) and wide.img_hw == (160, 256)
+    assert wide.conv_hw == (41, 65) and wide.grid_hw == (13, 21) and wide.num_tokens == 13 * 21 + 1
+    assert get_config("vit_mini", img_size=(160, 256)).grid_hw == (10, 16)
+    assert eit_fast.EITConfig(**json.loads(json.dumps(wide.to_dict()))) == wide
+    with pytest.raises(ConfigError, match=r"grid_size is the side of a square grid, .* use grid_hw"):
+        wide.grid_size
+
+
+def test_pretrained_cfg_describes_the_model():
+    from eit_fast.configs import pretrained_cfg
+    micro = pretrained_cfg(get_config("eit_micro"), "eit_micro")
+    assert micro["input_size"] == (3, 32, 32) and micro["crop_pct"] == 1.0 and micro["num_classes"] == 10
+    assert micro["min_input_size"] == (3, 4, 4)  # conv 3/1 keeps the size, pool 4 needs 4 px
+    mini = pretrained_cfg(get_config("eit_mini"), "eit_mini")
+    assert (mini["input_size"], mini["crop_pct"], mini["interpolation"]) == ((3, 224, 224), 0.875, "bicubic")
+    assert mini["first_conv"] == "patch_embed.eit_p.conv" and mini["classifier"] == "head"
+    assert mini["paper_ids"] == "arXiv:2203.07116" and mini["fixed_input_size"]
+    assert mini["min_input_size"] == (3, 8, 8)  # conv 16/4 with padding 8 gives 3 px for pool 3 from 8 px
+    assert any("No hub weights" in n for n in mini["notes"])
+    assert pretrained_cfg(get_config("vit_mini"))["first_conv"] == "patch_embed.proj"
+    assert not pretrained_cfg(get_config("eit_mini", dynamic_img_size=True))["fixed_input_size"]
