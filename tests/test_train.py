@@ -314,7 +314,7 @@ def test_torchrun_module_entry_point(tmp_path):
     assert rec["step"] == 4 and 0 <= rec["val_top1"] <= 100
 
 
-def write_cifar10(root, per_batch=40):
+def write_cifar10(root, per_batch=40, names=None):
     """The CIFAR-10 python layout (data_batch_1..5, test_batch, batches.meta) with random pixels."""
     import pickle
     import numpy as np
@@ -325,7 +325,8 @@ def write_cifar10(root, per_batch=40):
         batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
                  b"labels": [int(x) for x in rng.integers(0, 10, per_batch)]}
         (d / name).write_bytes(pickle.dumps(batch))
-    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    names = names or [f"c{i}" for i in range(10)]
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
 
 
 @pytest.mark.parametrize("cache", ["auto", "none"])
