@@ -148,7 +148,8 @@ def block_mixer(x: Tensor, y_conv: Optional[Tensor], conv_w: Optional[Tensor], q
     B, N, D, C, A = _check(x, y_conv, conv_w, qkv, proj_w, proj_b, scale, seed, grid_h, grid_w, num_heads, ps)
     if not _use_kernels(x):
         _no_cpu_dropout(ps)
-        return _ref_forward(x, y_conv, conv_w, qkv, proj_w, proj_b, scale, grid_h, grid_w, num_heads)
+        with torch.autocast(x.device.type, enabled=False):  # the op's dtypes are its inputs', as on CUDA
+            return _ref_forward(x, y_conv, conv_w, qkv, proj_w, proj_b, scale, grid_h, grid_w, num_heads)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     o = x.new_empty((B, N, A) if A else (0,), dtype=qkv.dtype if A else x.dtype)
     lse = x.new_empty((B, num_heads, N) if A else (0,), dtype=torch.float32)
@@ -227,7 +228,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, _go, _glse):
     y_conv, conv_w, qkv, proj_w, o, lse, scale, seed = ctx.saved_tensors
-    dy, dw, dqkv, dpw, dpb = block_mixer_backward(g, y_conv, conv_w, qkv, proj_w, o, lse, scale, seed, *ctx.args)
+    with torch.autocast(g.device.type, enabled=False):  # a backward called under autocast keeps our dtypes
+        dy, dw, dqkv, dpw, dpb = block_mixer_backward(g, y_conv, conv_w, qkv, proj_w, o, lse, scale, seed,
+                                                      *ctx.args)
     has_conv, has_attn = ctx.has
     if not has_conv:
         dy = dw = None

@@ -1,0 +1,265 @@
+"""The fused block and its op in this process (no interpreter): the provider's truth, the CPU reference path
+of eit_fast::block_mixer and its registered autograd, bad input, autocast dtypes, torch.compile(fullgraph)
+on the CPU path and a fake-tensor trace of the CUDA path; GPU parity when a GPU is present.
+
+The Triton kernels themselves are checked under the interpreter in test_block_mixer_interp.py.
+"""
+import pytest
+import torch
+
+import eit_fast
+from eit_fast import create_model
+from eit_fast.configs import get_config
+from eit_fast.models.eit import Block
+from eit_fast.modules import fused_block
+from eit_fast.modules.fused_block import FusedBlock
+from eit_fast.ops import block_mixer as op
+
+INTERPRETING = op.interpreting()
+
+
+def _pair(cfg_name="eit_micro", layer=0, dtype=torch.float32, **overrides):
+    cfg = get_config(cfg_name, **overrides)
+    ref = Block(cfg, layer, 0.0).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    fused = Block(cfg, layer, 0.0).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    fused_block.swap(_Holder([fused]))
+    assert type(fused) is FusedBlock
+    return cfg, ref.eval(), fused.eval()  # eval: no dropout (its masks need the kernels)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def _run(block, x, grid, g):
+    x = x.detach().clone().requires_grad_()
+    out = block(x, grid)
+    (out * g).sum().backward()
+    return out, x.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in block.named_parameters()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="the fast path can run here")
+def test_not_usable_on_cpu_without_interpreter():
+    ok, why = fused_block.availability()
+    assert not ok and "no CUDA GPU" in why and "TRITON_INTERPRET=1" in why
+    assert eit_fast.info()["fast_paths"]["block_mixer"]["available"] is False
+
+
+def test_swap_keeps_parameters_and_state_dict():
+    model = create_model("eit_micro", impl="reference")
+    before = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    assert fused_block.applies_to(model) is None
+    assert fused_block.swap(model) == len(model.blocks)
+    assert all(type(b) is FusedBlock for b in model.blocks)
+    assert list(model.state_dict()) == keys
+    assert all(p is before[n] for n, p in model.named_parameters())
+    assert fused_block.swap(model) == 0  # already fused
+    assert fused_block.applies_to(torch.nn.Linear(2, 2)) == "the model has no EIT/ViT blocks"
+
+
+@pytest.mark.parametrize("cfg_name,layer,grid", [("eit_micro", 0, (8, 8)), ("eit_micro", 3, (8, 8)),
+                                                 ("eit_micro", 1, (5, 9)), ("vit_cifar", 0, (2, 2))])
+def test_cpu_path_matches_reference_forward_and_gradients(cfg_name, layer, grid):
+    """Without the interpreter the op runs the reference math, and its registered backward must match."""
+    cfg, ref, fused = _pair(cfg_name, layer)
+    x = torch.randn(2, 1 + grid[0] * grid[1], cfg.embed_dim)
+    g = torch.randn_like(x)
+    out_r, dx_r, grads_r = _run(ref, x, grid, g)
+    out_f, dx_f, grads_f = _run(fused, x, grid, g)
+    assert _rel(out_f, out_r) < 1e-5 and _rel(dx_f, dx_r) < 1e-5
+    assert set(grads_f) == set(grads_r)
+    for n in grads_r:
+        assert _rel(grads_f[n], grads_r[n]) < 1e-5, n
+
+
+def test_drop_path_scale_matches_reference_draws():
+    cfg, ref, fused = _pair("eit_micro", 1)
+    ref.drop_path.p = fused.drop_path.p = 0.5
+    ref.train(), fused.train()
+    x = torch.randn(8, 65, cfg.embed_dim)
+    g = torch.randn_like(x)
+    torch.manual_seed(3)
+    out_r, dx_r, _ = _run(ref, x, (8, 8), g)
+    torch.manual_seed(3)
+    out_f, dx_f, _ = _run(fused, x, (8, 8), g)
+    assert _rel(out_f, out_r) < 1e-5 and _rel(dx_f, dx_r) < 1e-5
+    fused.eval()
+    with torch.no_grad():  # the draw really scaled samples: training output differs from eval's
+        assert _rel(out_f, fused(x, (8, 8))) > 1e-2
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter runs dropout")
+def test_cpu_path_refuses_dropout():
+    cfg, ref, fused = _pair("eit_micro", 0)
+    fused.attn.attn_drop.p = 0.1
+    fused.train()
+    with pytest.raises(NotImplementedError, match="dropout on the CPU reference path is not supported"):
+        fused(torch.randn(1, 65, cfg.embed_dim), (8, 8))
+
+
+def test_bad_input_is_refused_with_the_problem_named():
+    cfg, ref, fused = _pair("eit_micro", 0)
+    with pytest.raises(ValueError, match=r"N = 65 tokens, but 1 CLS \+ a 7x9 grid is 64"):
+        fused(torch.randn(1, 65, cfg.embed_dim), (7, 9))
+    x = torch.randn(2, 5, 6)
+    y = torch.randn(2, 5, 3)
+    qkv = torch.randn(2, 5, 9)
+    args = dict(conv_w=torch.randn(3, 1, 3, 3), proj_w=torch.randn(3, 3), proj_b=torch.randn(3),
+                scale=torch.ones(2), seed=torch.zeros(1, dtype=torch.int64))
+
+    def call(**kw):
+        a = {**dict(x=x, y_conv=y, qkv=qkv, grid_h=2, grid_w=2, num_heads=1, p_attn=0.0, p_conv=0.0,
+                    p_proj=0.0), **args, **kw}
+        return op.block_mixer(**a)
+
+    with pytest.raises(ValueError, match=r"conv channels 3 \+ attention channels 2"):
+        call(qkv=torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match=r"2 heads do not divide 3 attention channels"):
+        call(num_heads=2)
+    with pytest.raises(ValueError, match=r"scale must be float32 of shape \(2,\)"):
+        call(scale=torch.ones(3))
+    with pytest.raises(ValueError, match=r"conv_w must be \(3, 1, 3, 3\)"):
+        call(conv_w=torch.randn(3, 3, 3))
+    with pytest.raises(ValueError, match=r"p_conv must be in \[0, 1\)"):
+        call(p_conv=1.0)
+    with pytest.raises(ValueError, match=r"seed must be a one-element int64 tensor"):
+        call(seed=torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles the CPU path")
+def test_torch_compile_fullgraph_cpu_path():
+    cfg, ref, fused = _pair("eit_micro", 1)
+    x = torch.randn(2, 65, cfg.embed_dim)
+    g = torch.randn_like(x)
+    out_e, dx_e, grads_e = _run(fused, x, (8, 8), g)
+    fused.zero_grad()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out_c, dx_c, grads_c = _run(compiled, x, (8, 8), g)
+    assert _rel(out_c, out_e) < 1e-6 and _rel(dx_c, dx_e) < 1e-6
+    for n in grads_e:
+        assert _rel(grads_c[n], grads_e[n]) < 1e-6, n
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETING, reason="compiles the CPU path")
+def test_torch_compile_fullgraph_inductor_cpu_path():
+    cfg, ref, fused = _pair("eit_micro", 0)
+    x = torch.randn(2, 65, cfg.embed_dim)
+    g = torch.randn_like(x)
+    out_r, dx_r, _ = _run(ref, x, (8, 8), g)
+    compiled = torch.compile(fused, fullgraph=True)
+    out_c, dx_c, _ = _run(compiled, x, (8, 8), g)
+    assert _rel(out_c, out_r) < 1e-5 and _rel(dx_c, dx_r) < 1e-5
+
+
+def test_cuda_path_traces_with_fake_tensors():
+    """The CUDA path (Triton kernels via wrap_triton) traced with make_fx under FakeTensorMode, in training
+    mode with dropout and drop-path on: the forward graph holds the op and no host sync; the registered
+    backward (the autograd engine itself needs a real GPU) traces to the backward op with the right shapes."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    cfg = get_config("eit_cifar")
+    block = Block(cfg, 1, 0.1)
+    fused_block.swap(_Holder([block]))
+    block.train()
+    with FakeTensorMode():
+        params = {n: torch.empty(p.shape, device="cuda", requires_grad=True) for n, p in block.named_parameters()}
+        x = torch.randn(4, 65, cfg.embed_dim, device="cuda", requires_grad=True)
+        gm = make_fx(lambda x, params: torch.func.functional_call(block, params, (x, (8, 8))))(x, params)
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert "eit_fast.block_mixer.default" in targets
+        assert "aten._local_scalar_dense.default" not in targets  # no data-dependent host sync
+        node = next(n for n in gm.graph.nodes if str(n.target) == "eit_fast.block_mixer.default")
+        assert node.meta["val"][0].device.type == "cuda" and tuple(node.meta["val"][0].shape) == (4, 65, 250)
+        assert node.args[-3:] == (0.15, 0.15, 0.2)  # eit_cifar's dropout rates reach the kernels
+
+        C, A = block.conv_dim, block.attn_dim
+        y, qkv = torch.randn(4, 65, C, device="cuda"), torch.randn(4, 65, 3 * A, device="cuda")
+        inputs = (x, y, params["eit_t.conv1.weight"], qkv, params["attn.proj.weight"], params["attn.proj.bias"],
+                  torch.ones(4, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda"), 8, 8, 10,
+                  0.15, 0.15, 0.2)
+        ctx = SimpleNamespace(save_for_backward=lambda *t: setattr(ctx, "saved_tensors", t))
+
+        def backward(*tensors):
+            outputs = op.block_mixer(*tensors, *inputs[8:])
+            op._setup_context(ctx, (*tensors, *inputs[8:]), outputs)
+            return op._backward(ctx, torch.ones_like(outputs[0]), None, None)
+
+        gm = make_fx(backward)(*inputs[:8])
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert "eit_fast.block_mixer_backward.default" in targets
+        grads = backward(*inputs[:8])
+    for g, t in zip(grads, inputs):
+        if g is not None:
+            assert g.shape == t.shape and g.device.type == "cuda" and g.dtype == t.dtype
+    assert [g is None for g in grads] == [False] * 6 + [True] * 8
+
+
+def test_autocast_bf16_keeps_dtypes_and_matches_reference():
+    """Under bf16 autocast the mixer's attention runs in bf16, parameter grads stay fp32, and nothing
+    touches fp16; errors stay within twice the reference's own bf16 error (+ a floor)."""
+    cfg, ref, fused = _pair("eit_micro", 1)
+    ref64 = Block(cfg, 1, 0.0).double()
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 65, cfg.embed_dim)
+    g = torch.randn_like(x)
+    out64, dx64, grads64 = _run(ref64, x.double(), (8, 8), g.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r, dx_r, grads_r = _run(ref, x, (8, 8), g)
+        out_f, dx_f, grads_f = _run(fused, x, (8, 8), g)
+    assert out_f.dtype == out_r.dtype == torch.float32
+    for n, p in fused.named_parameters():
+        assert grads_f[n].dtype == p.dtype == torch.float32, n
+    assert _rel(out_f, out64) <= 2 * _rel(out_r, out64) + 1e-3
+    assert _rel(dx_f, dx64) <= 2 * _rel(dx_r, dx64) + 1e-3
+    for n in grads64:
+        assert _rel(grads_f[n], grads64[n]) <= 2 * _rel(grads_r[n], grads64[n]) + 1e-3, n
+
+
+# --- on a GPU --------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg_name,layer,batch", [("eit_cifar", 0, 64), ("eit_cifar", 4, 7), ("eit_tiny", 2, 8),
+                                                  ("eit_tiny", 7, 3), ("eit_mini", 0, 5)])
+def test_cuda_parity(cfg_name, layer, batch, dtype):
+    cfg = get_config(cfg_name)
+    ref = Block(cfg, layer, 0.0).cuda()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    fused = Block(cfg, layer, 0.0).cuda()
+    fused.load_state_dict(ref.state_dict())
+    fused_block.swap(_Holder([fused]))
+    ref64 = Block(cfg, layer, 0.0).cuda().double()
+    ref64.load_state_dict(ref.state_dict())
+    side = cfg.grid_size
+    x = torch.randn(batch, 1 + side * side, cfg.embed_dim, device="cuda")
+    g = torch.randn_like(x)
+    out64, dx64, grads64 = _run(ref64, x.double(), (side, side), g.double())
+    if dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        out_f, dx_f, grads_f = _run(fused, x, (side, side), g)
+        limit = {n: 1e-5 for n in ["out", "dx", *grads64]}
+    else:
+        with torch.autocast("cuda", dtype=dtype):
+            out_r, dx_r, grads_r = _run(ref, x, (side, side), g)
+            out_f, dx_f, grads_f = _run(fused, x, (side, side), g)
+        limit = {"out": 2 * _rel(out_r, out64) + 1e-3, "dx": 2 * _rel(dx_r, dx64) + 1e-3,
+                 **{n: 2 * _rel(grads_r[n], grads64[n]) + 1e-3 for n in grads64}}
+    assert _rel(out_f, out64) <= limit["out"] and _rel(dx_f, dx64) <= limit["dx"]
+    for n in grads64:
+        assert _rel(grads_f[n], grads64[n]) <= limit[n], n
