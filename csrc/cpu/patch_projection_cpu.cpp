@@ -1,11 +1,12 @@
 // CPU implementation of the patch projection ops.
 //
-// The image is cut into tiles of pooled tokens. For a tile, the patches of every conv position its pool
-// windows cover are gathered into a cache-sized matrix P (rows = token x window offset, columns = C*k*k),
-// one BLAS GEMM gives their conv values (rows x D, D innermost), and a pass over the window offsets keeps the
-// running max and its window index per channel. Only the pooled tokens leave the cache; the full conv map is
-// never written. Backward rebuilds the same tiles: the pooled gradient routed through the argmax gives a
-// sparse conv-output gradient G for the tile, dW += G^T P and dP = G W (folded back onto the input).
+// Forward: the image is cut into tiles of pooled tokens. A tile's patches (every conv position its pool
+// windows cover) are gathered into a cache-sized matrix P; a register-blocked micro-kernel multiplies 6 rows
+// of P by 16 channels of the packed weights at a time (D is the vector dimension) and folds the result,
+// still in registers, into the tile's running max and argmax. Only pooled tokens are written; the conv map never exists.
+// Backward works on chunks of images: the pooled gradient routed through the argmax gives the chunk's sparse
+// conv-output gradient G, dW += G^T P and dP = G W are BLAS GEMMs (run outside any parallel region, so the
+// BLAS uses its own threads), and dP is folded back onto the input.
 // Arithmetic in float for fp32/bf16 inputs, double for fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,36 +15,113 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define EIT_FAST_X86 1
+#endif
 
 #include "../patch_projection.h"
 
 namespace eit_fast {
 namespace {
 
-// Pooled tokens per tile: keep P (rows x K) and the conv tile (rows x D) within about half of L2.
-int64_t tokens_per_tile(const PatchShape& s) {
-  const int64_t rows = std::clamp<int64_t>((128 * 1024) / (s.K() + s.D), s.window(), 512);
-  return std::max<int64_t>(1, rows / s.window());
+constexpr int64_t MR = 6;   // micro-kernel rows (tokens at one window offset)
+constexpr int64_t NR = 16;  // micro-kernel columns (channels)
+
+// One step of the fused conv + max-pool for MR tokens x NR channels at window offset w:
+//   v[r][j] = bias[j] + sum_kk P[r*K + kk] * W[kk*NR + j]
+//   best[r][j], best_w[r][j] <- v[r][j], w   when w == 0, v > best or v is NaN
+// which is PyTorch's max-pool rule (the first maximum in window order wins ties; NaN propagates).
+template <typename acc_t>
+void micro_kernel_generic(const acc_t* P, int64_t K, const acc_t* W, const acc_t* bias, acc_t* best,
+                          int32_t* best_w, int32_t w) {
+  acc_t acc[MR][NR] = {};
+  for (int64_t kk = 0; kk < K; ++kk)
+    for (int64_t r = 0; r < MR; ++r) {
+      const acc_t a = P[r * K + kk];
+      for (int64_t j = 0; j < NR; ++j) acc[r][j] += a * W[kk * NR + j];
+    }
+  for (int64_t r = 0; r < MR; ++r)
+    for (int64_t j = 0; j < NR; ++j) {
+      const acc_t v = acc[r][j] + bias[j];
+      if (w == 0 || v > best[r * NR + j] || std::isnan(v)) { best[r * NR + j] = v; best_w[r * NR + j] = w; }
+    }
 }
 
-// P[row][c*k*k + kh*k + kw] for the conv positions of tokens [t0, t0 + nt) of image b; row = tt*window + w.
+#ifdef EIT_FAST_X86
+// The same with AVX2 + FMA: 12 accumulators, 2 weight vectors and a broadcast fill the 16 ymm registers.
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2(const float* P, int64_t K, const float* W,
+                                                            const float* bias, float* best, int32_t* best_w,
+                                                            int32_t w) {
+  // Twelve named accumulators: an array here makes GCC store them to the stack on every iteration.
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const __m256 w0 = _mm256_loadu_ps(W + kk * NR), w1 = _mm256_loadu_ps(W + kk * NR + 8);
+    const float* p = P + kk;
+    __m256 a = _mm256_broadcast_ss(p);
+    c00 = _mm256_fmadd_ps(a, w0, c00); c01 = _mm256_fmadd_ps(a, w1, c01);
+    a = _mm256_broadcast_ss(p + K);
+    c10 = _mm256_fmadd_ps(a, w0, c10); c11 = _mm256_fmadd_ps(a, w1, c11);
+    a = _mm256_broadcast_ss(p + 2 * K);
+    c20 = _mm256_fmadd_ps(a, w0, c20); c21 = _mm256_fmadd_ps(a, w1, c21);
+    a = _mm256_broadcast_ss(p + 3 * K);
+    c30 = _mm256_fmadd_ps(a, w0, c30); c31 = _mm256_fmadd_ps(a, w1, c31);
+    a = _mm256_broadcast_ss(p + 4 * K);
+    c40 = _mm256_fmadd_ps(a, w0, c40); c41 = _mm256_fmadd_ps(a, w1, c41);
+    a = _mm256_broadcast_ss(p + 5 * K);
+    c50 = _mm256_fmadd_ps(a, w0, c50); c51 = _mm256_fmadd_ps(a, w1, c51);
+  }
+  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  const __m256 wv = _mm256_castsi256_ps(_mm256_set1_epi32(w));
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t r = 0; r < MR; ++r)
+    for (int64_t h = 0; h < 2; ++h) {
+      float* bp = best + r * NR + 8 * h;
+      float* ip = reinterpret_cast<float*>(best_w + r * NR + 8 * h);
+      const __m256 v = _mm256_add_ps(acc[r][h], _mm256_loadu_ps(bias + 8 * h));
+      const __m256 b = _mm256_loadu_ps(bp);
+      const __m256 take = w == 0 ? all : _mm256_or_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      _mm256_storeu_ps(bp, _mm256_blendv_ps(b, v, take));
+      _mm256_storeu_ps(ip, _mm256_blendv_ps(_mm256_loadu_ps(ip), wv, take));
+    }
+}
+#endif
+
+template <typename acc_t>
+using MicroKernel = void (*)(const acc_t*, int64_t, const acc_t*, const acc_t*, acc_t*, int32_t*, int32_t);
+
+template <typename acc_t>
+MicroKernel<acc_t> pick_micro_kernel() {
+  if constexpr (std::is_same_v<acc_t, float>) {
+#ifdef EIT_FAST_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &micro_kernel_avx2;
+#endif
+  }
+  return &micro_kernel_generic<acc_t>;
+}
+
+// P[tt * tok_stride + w * win_stride][c*k*k + kh*k + kw]: the patches of tokens [t0, t0 + nt) of image b.
 template <typename scalar_t, typename acc_t>
-void gather_patches(const PatchShape& s, const scalar_t* x, int64_t b, int64_t t0, int64_t nt, acc_t* P) {
+void gather_patches(const PatchShape& s, const scalar_t* x, int64_t b, int64_t t0, int64_t nt,
+                    int64_t tok_stride, int64_t win_stride, acc_t* P) {
   const int64_t K = s.K(), k = s.k;
   for (int64_t tt = 0; tt < nt; ++tt) {
     const int64_t t = t0 + tt, ph = t / s.Wp, pw = t % s.Wp;
     for (int64_t w = 0; w < s.window(); ++w) {
-      acc_t* row = P + (tt * s.window() + w) * K;
+      acc_t* row = P + (tt * tok_stride + w * win_stride) * K;
       const int64_t iy0 = (ph * s.pool + w / s.pool) * s.stride - s.pad;
       const int64_t ix0 = (pw * s.pool + w % s.pool) * s.stride - s.pad;
-      const int64_t kw_lo = std::max<int64_t>(0, -ix0), kw_hi = std::min<int64_t>(k, s.W - ix0);
+      const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k), kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
       for (int64_t c = 0; c < s.C; ++c) {
         for (int64_t kh = 0; kh < k; ++kh) {
           acc_t* dst = row + (c * k + kh) * k;
           const int64_t iy = iy0 + kh;
-          if (iy < 0 || iy >= s.H || kw_lo >= kw_hi) {
+          if (iy < 0 || iy >= s.H) {
             std::fill(dst, dst + k, acc_t(0));
             continue;
           }
@@ -57,25 +135,6 @@ void gather_patches(const PatchShape& s, const scalar_t* x, int64_t b, int64_t t
   }
 }
 
-// G[row][d]: the pooled gradient of token tt where w is its argmax, else 0.
-template <typename scalar_t, typename acc_t>
-void route_grad(const PatchShape& s, const scalar_t* grad, const uint8_t* argmax, int64_t n0, int64_t nt,
-                acc_t* G) {
-  const int64_t D = s.D;
-  for (int64_t tt = 0; tt < nt; ++tt) {
-    const scalar_t* g = grad + (n0 + tt) * D;
-    const uint8_t* a = argmax + (n0 + tt) * D;
-    for (int64_t w = 0; w < s.window(); ++w) {
-      acc_t* row = G + (tt * s.window() + w) * D;
-      for (int64_t d = 0; d < D; ++d) row[d] = a[d] == w ? static_cast<acc_t>(g[d]) : acc_t(0);
-    }
-  }
-}
-
-at::Tensor matrix(void* data, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  return at::from_blob(data, {rows, cols}, opts);
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                const at::Tensor& bias, int64_t stride, int64_t padding,
                                                int64_t pool) {
@@ -86,43 +145,77 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, const at:
   if (out.numel() == 0) return {out, argmax};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "eit_fast::patch_projection (CPU)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor wt = weight.detach().reshape({s.D, s.K()}).to(acc_opts).t();  // (K, D): D innermost in the GEMM
-    const at::Tensor bias_acc = bias.detach().to(acc_opts).contiguous();
-    const acc_t* bptr = bias_acc.data_ptr<acc_t>();
+    const int64_t K = s.K(), D = s.D, win = s.window(), panels = (D + NR - 1) / NR, Dpad = panels * NR;
+    // Weights packed in panels of NR channels, (panels, K, NR), zero-padded: each micro-kernel call streams
+    // one contiguous panel. Bias zero-padded to Dpad.
+    std::vector<acc_t> wpk(panels * K * NR, acc_t(0)), bpad(Dpad, acc_t(0));
+    {
+      const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+      const at::Tensor w = weight.detach().reshape({D, K}).to(acc_type).contiguous();
+      const at::Tensor bb = bias.detach().to(acc_type).contiguous();
+      const acc_t* wp = w.data_ptr<acc_t>();
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t kk = 0; kk < K; ++kk) wpk[((d / NR) * K + kk) * NR + d % NR] = wp[d * K + kk];
+        bpad[d] = bb.data_ptr<acc_t>()[d];
+      }
+    }
+    // Tokens per tile, a multiple of MR: P (window x tokens x K) stays within about 256 KB.
+    const int64_t fit = (256 * 1024) / int64_t(win * K * sizeof(acc_t));
+    const int64_t tpt = std::min(std::max<int64_t>(MR, fit / MR * MR), (s.T() + MR - 1) / MR * MR);
+    const int64_t tiles = (s.T() + tpt - 1) / tpt;
+    const MicroKernel<acc_t> mk = pick_micro_kernel<acc_t>();
     const scalar_t* xptr = x.data_ptr<scalar_t>();
     scalar_t* optr = out.data_ptr<scalar_t>();
     uint8_t* aptr = argmax.data_ptr<uint8_t>();
-    const int64_t tpt = tokens_per_tile(s), tiles = (s.T() + tpt - 1) / tpt, win = s.window(), D = s.D;
     at::parallel_for(0, s.B * tiles, 1, [&](int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;  // the GEMMs write into plain buffers; autograd is the op's own
-      std::vector<acc_t> P(tpt * win * s.K()), conv(tpt * win * D), best(D);
-      std::vector<uint8_t> best_w(D);
+      // best / best_w: the tile's running max and its window index, (panels, tokens, NR).
+      std::vector<acc_t> P(win * tpt * K), best(panels * tpt * NR);
+      std::vector<int32_t> best_w(panels * tpt * NR);
       for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = u / tiles, t0 = (u % tiles) * tpt, nt = std::min(tpt, s.T() - t0), rows = nt * win;
-        gather_patches(s, xptr, b, t0, nt, P.data());
-        at::Tensor conv_m = matrix(conv.data(), rows, D, acc_opts);
-        at::mm_out(conv_m, matrix(P.data(), rows, s.K(), acc_opts), wt);
+        const int64_t b = u / tiles, t0 = (u % tiles) * tpt, nt = std::min(tpt, s.T() - t0);
+        const int64_t ntp = (nt + MR - 1) / MR * MR;  // padded to whole micro-kernel rows (zero patches)
+        for (int64_t w = 0; w < win; ++w)
+          std::fill(P.begin() + (w * ntp + nt) * K, P.begin() + (w + 1) * ntp * K, acc_t(0));
+        gather_patches(s, xptr, b, t0, nt, 1, ntp, P.data());  // rows (w, tt): MR tokens at one offset
+        for (int64_t pn = 0; pn < panels; ++pn)
+          for (int64_t w = 0; w < win; ++w)
+            for (int64_t tb = 0; tb < ntp; tb += MR)
+              mk(P.data() + (w * ntp + tb) * K, K, wpk.data() + pn * K * NR, bpad.data() + pn * NR,
+                 best.data() + (pn * tpt + tb) * NR, best_w.data() + (pn * tpt + tb) * NR, int32_t(w));
         for (int64_t tt = 0; tt < nt; ++tt) {
-          const acc_t* c0 = conv.data() + tt * win * D;
-          for (int64_t d = 0; d < D; ++d) { best[d] = c0[d] + bptr[d]; best_w[d] = 0; }
-          for (int64_t w = 1; w < win; ++w) {
-            const acc_t* cw = c0 + w * D;
-            for (int64_t d = 0; d < D; ++d) {
-              const acc_t v = cw[d] + bptr[d];
-              const bool take = v > best[d] || v != v;  // PyTorch's rule: first max wins, NaN propagates
-              best[d] = take ? v : best[d];
-              best_w[d] = take ? uint8_t(w) : best_w[d];
-            }
-          }
           const int64_t n = b * s.T() + t0 + tt;
-          for (int64_t d = 0; d < D; ++d) optr[n * D + d] = static_cast<scalar_t>(best[d]);
-          std::memcpy(aptr + n * D, best_w.data(), D);
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t i = ((d / NR) * tpt + tt) * NR + d % NR;
+            optr[n * D + d] = static_cast<scalar_t>(best[i]);
+            aptr[n * D + d] = uint8_t(best_w[i]);
+          }
         }
       }
     });
   });
   return {out, argmax};
+}
+
+// Images per backward chunk: about 8192 conv rows, so the chunk's P and G stay a few MB.
+int64_t images_per_chunk(const PatchShape& s) {
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, s.T() * s.window()));
+}
+
+// G[(n - n0) * window + w][d] = grad[n][d] if argmax[n][d] == w else 0, for tokens n in [n0, n0 + count).
+template <typename scalar_t, typename acc_t>
+void route_grad(const PatchShape& s, const scalar_t* grad, const uint8_t* argmax, int64_t n0, int64_t count,
+                acc_t* G) {
+  const int64_t D = s.D, win = s.window();
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* g = grad + (n0 + i) * D;
+      const uint8_t* a = argmax + (n0 + i) * D;
+      for (int64_t w = 0; w < win; ++w) {
+        acc_t* row = G + (i * win + w) * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = a[d] == w ? static_cast<acc_t>(g[d]) : acc_t(0);
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in, const at::Tensor& argmax_in,
@@ -135,25 +228,22 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in
                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    dbias = grad.sum({0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
-    // One (D, K) accumulator per thread, summed at the end: no shared writes in the parallel loop.
-    at::Tensor partial = at::zeros({at::get_num_threads(), s.D, s.K()}, acc_opts);
-    const int64_t tpt = tokens_per_tile(s), tiles = (s.T() + tpt - 1) / tpt, win = s.window();
+    const int64_t K = s.K(), D = s.D, win = s.window(), T = s.T(), chunk = images_per_chunk(s);
+    at::Tensor dw = at::zeros({D, K}, acc_opts);
+    at::Tensor P = at::empty({std::min(chunk, s.B) * T * win, K}, acc_opts);
+    at::Tensor G = at::empty({std::min(chunk, s.B) * T * win, D}, acc_opts);
     const scalar_t* xptr = x.data_ptr<scalar_t>();
-    const scalar_t* gptr = grad.data_ptr<scalar_t>();
-    const uint8_t* aptr = argmax.data_ptr<uint8_t>();
-    at::parallel_for(0, s.B * tiles, 1, [&](int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;
-      at::Tensor acc = partial[at::get_thread_num()];
-      std::vector<acc_t> P(tpt * win * s.K()), G(tpt * win * s.D);
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = u / tiles, t0 = (u % tiles) * tpt, nt = std::min(tpt, s.T() - t0), rows = nt * win;
-        gather_patches(s, xptr, b, t0, nt, P.data());
-        route_grad(s, gptr, aptr, b * s.T() + t0, nt, G.data());
-        acc.addmm_(matrix(G.data(), rows, s.D, acc_opts).t(), matrix(P.data(), rows, s.K(), acc_opts));
-      }
-    });
-    dweight = partial.sum(0).view(weight.sizes()).to(weight.scalar_type());
+    for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
+      const int64_t nb = std::min(chunk, s.B - b0), rows = nb * T * win;
+      acc_t* pptr = P.data_ptr<acc_t>();
+      at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) gather_patches(s, xptr, b0 + i, 0, T, win, 1, pptr + i * T * win * K);
+      });
+      route_grad(s, grad.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), b0 * T, nb * T, G.data_ptr<acc_t>());
+      dw.addmm_(G.narrow(0, 0, rows).t(), P.narrow(0, 0, rows));
+    }
+    dweight = dw.view(weight.sizes()).to(weight.scalar_type());
+    dbias = grad.sum({0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
   });
   return {dweight, dbias};
 }
@@ -167,29 +257,30 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_in, const at::Tensor& argma
                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor wmat = weight.detach().reshape({s.D, s.K()}).to(acc_opts).contiguous();
+    const int64_t K = s.K(), k = s.k, win = s.window(), T = s.T(), chunk = images_per_chunk(s);
+    const at::Tensor wmat = weight.detach().reshape({s.D, K}).to(acc_opts).contiguous();
     at::Tensor dx_acc = at::zeros({s.B, s.C, s.H, s.W}, acc_opts);
+    at::Tensor G = at::empty({std::min(chunk, s.B) * T * win, s.D}, acc_opts);
+    at::Tensor dP = at::empty({std::min(chunk, s.B) * T * win, K}, acc_opts);
     acc_t* dxptr = dx_acc.data_ptr<acc_t>();
-    const scalar_t* gptr = grad.data_ptr<scalar_t>();
-    const uint8_t* aptr = argmax.data_ptr<uint8_t>();
-    const int64_t tpt = tokens_per_tile(s), win = s.window(), K = s.K(), k = s.k;
-    // One image per task: overlapping patches of an image add into the same pixels.
-    at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;
-      std::vector<acc_t> G(tpt * win * s.D), dP(tpt * win * K);
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t t0 = 0; t0 < s.T(); t0 += tpt) {
-          const int64_t nt = std::min(tpt, s.T() - t0), rows = nt * win;
-          route_grad(s, gptr, aptr, b * s.T() + t0, nt, G.data());
-          at::Tensor dP_m = matrix(dP.data(), rows, K, acc_opts);
-          at::mm_out(dP_m, matrix(G.data(), rows, s.D, acc_opts), wmat);
-          for (int64_t tt = 0; tt < nt; ++tt) {  // fold dP back onto the input (col2im)
-            const int64_t t = t0 + tt, ph = t / s.Wp, pw = t % s.Wp;
+    for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
+      const int64_t nb = std::min(chunk, s.B - b0), rows = nb * T * win;
+      route_grad(s, grad.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), b0 * T, nb * T, G.data_ptr<acc_t>());
+      at::Tensor dP_rows = dP.narrow(0, 0, rows);
+      at::mm_out(dP_rows, G.narrow(0, 0, rows), wmat);
+      const acc_t* dpptr = dP.data_ptr<acc_t>();
+      // Fold dP back onto the input (col2im), one image per task: an image's patches overlap.
+      at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = b0 + i;
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t ph = t / s.Wp, pw = t % s.Wp;
             for (int64_t w = 0; w < win; ++w) {
-              const acc_t* row = dP.data() + (tt * win + w) * K;
+              const acc_t* row = dpptr + ((i * T + t) * win + w) * K;
               const int64_t iy0 = (ph * s.pool + w / s.pool) * s.stride - s.pad;
               const int64_t ix0 = (pw * s.pool + w % s.pool) * s.stride - s.pad;
-              const int64_t kw_lo = std::max<int64_t>(0, -ix0), kw_hi = std::min<int64_t>(k, s.W - ix0);
+              const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k);
+              const int64_t kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
               for (int64_t c = 0; c < s.C; ++c)
                 for (int64_t kh = 0; kh < k; ++kh) {
                   const int64_t iy = iy0 + kh;
@@ -201,8 +292,8 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_in, const at::Tensor& argma
             }
           }
         }
-      }
-    });
+      });
+    }
     dx = dx_acc.to(x.scalar_type());
   });
   return dx;
