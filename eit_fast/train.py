@@ -49,6 +49,8 @@ class Trainer:
         self.dist, self.device = dist, dist.device
         self.resume_state, self.ckpt_path = None, None
         resume = Path(args.resume) if args.resume else None
+        if resume is not None and not resume.exists():
+            raise CheckpointError(f"--resume {resume}: no such run folder or checkpoint file")
         # The folder is checked and locked before anything else: a bad --output costs no data building.
         self.folder = RunFolder(resume if resume is None or resume.is_dir() else resume.parent) if resume \
             else RunFolder(args.output)

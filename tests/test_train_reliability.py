@@ -159,6 +159,9 @@ def test_stop_after_must_lie_ahead_of_the_resumed_step(tmp_path, capsys):
     assert run(out, "--stop-after", "5") == 0
     assert train.main(["--resume", str(out), "--no-progress", "--stop-after", "5"]) == 2
     assert "argument --stop-after: 5 is not after the checkpoint's step 5" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "typo"), "--no-progress"]) == 2
+    assert f"--resume {tmp_path / 'typo'}: no such run folder or checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_signal_is_reported_once_and_only_by_the_trainer_process(tmp_path, capsys, monkeypatch):
