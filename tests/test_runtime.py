@@ -16,13 +16,15 @@ def test_fused_refuses_with_a_reason():
         create_model("eit_cifar", impl="fused")
 
 
-def test_auto_falls_back_to_reference_and_says_so():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the fused block_mixer can run too")
+def test_auto_takes_the_fused_stem_on_cpu_and_says_why_not_the_mixer():
     model = create_model("eit_cifar", impl="auto")
-    assert model.impl == "reference"
+    assert model.impl == "fused"
+    assert type(model.patch_embed).__name__ == "FusedPatchEmbed"
     sel = eit_fast.info()["last_selection"]
-    assert sel["model"] == "eit_cifar" and sel["requested"] == "auto" and sel["chosen"] == "reference"
-    assert sel["fused"] == []
-    assert sel["reason"].startswith("auto: no fused path is available, using the reference model; not fused: ")
+    assert sel["model"] == "eit_cifar" and sel["requested"] == "auto" and sel["chosen"] == "fused"
+    assert sel["fused"] == ["patch_projection"]
+    assert sel["reason"].startswith("auto: fused patch_projection; not fused: block_mixer: no CUDA GPU")
 
 
 def test_environment_variable_sets_the_default(monkeypatch):
@@ -45,7 +47,12 @@ def test_info_cli():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert set(d["fast_paths"]) == {"block_mixer", "patch_projection"}
-    assert all(not p["available"] and p["reason"] for p in d["fast_paths"].values())
+    stem = d["fast_paths"]["patch_projection"]
+    assert stem["available"] and stem["reason"].startswith("eit_fast._C built with")  # the CPU kernel runs anywhere
+    mixer = d["fast_paths"]["block_mixer"]
+    assert mixer["reason"] and mixer["available"] == torch.cuda.is_available()
     r = subprocess.run([sys.executable, "-m", "eit_fast.info"], capture_output=True, text=True)
-    assert r.returncode == 0 and "block_mixer       not usable:" in r.stdout
+    assert r.returncode == 0 and "patch_projection  usable: eit_fast._C built with" in r.stdout
+    if not torch.cuda.is_available():
+        assert "block_mixer       not usable:" in r.stdout
     assert "RuntimeWarning" not in r.stderr

@@ -1,0 +1,108 @@
+"""The fused EIT stem (fast path "patch_projection"): EITPatchEmbed with conv + max-pool + flatten done by
+the one op eit_fast::patch_projection (eit_fast._C), which never writes the conv output. Same submodules and
+parameters as the reference (patch_embed.eit_p.conv.*), so state dicts move unchanged.
+
+Provider interface for eit_fast.runtime / eit_fast.patch: availability(), applies_to(model), swap(model).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..models.eit import EITPatchEmbed
+from ..ops import patch_projection as _op
+
+
+class FusedPatchEmbed(EITPatchEmbed):
+    """EITPatchEmbed computed by eit_fast::patch_projection; any input size, square or not.
+
+    Where this install has no kernel for the input's device and dtype (e.g. fp16 on the CPU, or CUDA tensors
+    with a CPU-only build) it runs the reference computation and warns once, saying why.
+    """
+
+    @classmethod
+    def from_reference(cls, ref: EITPatchEmbed) -> "FusedPatchEmbed":
+        why = unsupported_stem(ref)
+        if why is not None:
+            raise ValueError(f"cannot fuse this stem: {why}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, value in vars(ref).items():  # plain attributes the reference may carry (sizes, flags)
+            if not name.startswith("_") and name != "training":
+                setattr(new, name, value)
+        for name, child in ref.named_children():  # eit_p with its conv and pool: the same parameters
+            setattr(new, name, child)
+        new.train(ref.training)
+        return new
+
+    def forward(self, x):
+        conv = self.eit_p.conv
+        weight, bias = conv.weight, conv.bias
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # the reference conv would run in the autocast dtype
+            dtype = torch.get_autocast_dtype(dev)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        elif x.dtype != weight.dtype:
+            raise RuntimeError(f"input dtype {x.dtype} differs from the stem's weight dtype {weight.dtype}")
+        why = _op.unsupported(x)
+        if why is not None:
+            _warn_fallback(why)
+            with torch.autocast(dev, enabled=False):
+                return super().forward(x.to(weight.dtype) if x.dtype != weight.dtype else x)
+        return _op.patch_projection(x, weight, bias, conv.stride[0], conv.padding[0], self.eit_p.pool.kernel_size)
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback(why: str):
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"fused patch projection: {why}; running the reference conv + max-pool instead",
+                      RuntimeWarning, stacklevel=3)
+
+
+def unsupported_stem(pe: nn.Module) -> str | None:
+    """Why eit_fast::patch_projection cannot compute this stem, or None."""
+    if not isinstance(pe, EITPatchEmbed):
+        return f"the stem is {type(pe).__name__}, not EIT's conv + max-pool (EITPatchEmbed)"
+    conv, pool = pe.eit_p.conv, pe.eit_p.pool
+    if conv.bias is None:
+        return "the stem conv has no bias"
+    if (conv.groups, conv.dilation, conv.padding_mode) != (1, (1, 1), "zeros"):
+        return "the stem conv is grouped, dilated or not zero-padded"
+    if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
+            or not isinstance(conv.padding, tuple) or conv.padding[0] != conv.padding[1]:
+        return f"the stem conv is not square (kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding})"
+    p = pool.kernel_size
+    if not isinstance(p, int) or pool.stride != p or pool.padding != 0 or pool.dilation != 1 or pool.ceil_mode:
+        return "the stem pool is not MaxPool2d(p, stride p) without padding, dilation or ceil_mode"
+    if p * p > 256:
+        return f"pool {p} > 16 (the saved argmax is one byte)"
+    return None
+
+
+def availability() -> tuple[bool, str]:
+    if not _op.loaded():
+        return False, f"eit_fast._C is not built or failed to load ({_op.load_error()})"
+    if _op.has_kernel("cuda"):
+        return True, "eit_fast._C built with CPU+CUDA kernels"
+    return True, f"eit_fast._C built with the CPU kernel only ({_op.build_note()})"
+
+
+def applies_to(model) -> str | None:
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        return "the model has no patch_embed"
+    if isinstance(pe, FusedPatchEmbed):
+        return None
+    return unsupported_stem(pe)
+
+
+def swap(model) -> int:
+    if isinstance(model.patch_embed, FusedPatchEmbed):
+        return 0
+    model.patch_embed = FusedPatchEmbed.from_reference(model.patch_embed)
+    return 1
