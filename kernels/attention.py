@@ -183,8 +183,16 @@ def dot_options(dtype) -> dict:
             "PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
-FWD_BLOCK_M, FWD_BLOCK_N = 64, 64
-BWD_BLOCK_M, BWD_BLOCK_N = 32, 64
+def tiles(dtype) -> dict:
+    """Tile sizes and warps per input dtype, chosen so no config spills registers (see the AOT test):
+    fp32 runs IEEE dots on FMAs and needs smaller tiles than fp16/bf16 tensor cores."""
+    import torch
+    if dtype == torch.float32:
+        return dict(FWD_M=32, FWD_N=32, BWD_M=32, BWD_N=32, WARPS=4)
+    return dict(FWD_M=64, FWD_N=64, BWD_M=32, BWD_N=64, WARPS=8)
+
+
+DELTA_BLOCK_M = 32
 
 
 def launch_attention_backward(qkv, o, do, lse, seed, dqkv, num_heads: int, p_drop: float, wrap=lambda k: k):
@@ -195,12 +203,13 @@ def launch_attention_backward(qkv, o, do, lse, seed, dqkv, num_heads: int, p_dro
     HD = A // num_heads
     BD = block_d(HD)
     delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
-    wrap(attn_bwd_delta_kernel)[(triton.cdiv(N, 64), B * num_heads)](
-        o, do, delta, N, num_heads, HD, *o.stride(), *do.stride(), BLOCK_M=64, BLOCK_D=BD)
+    wrap(attn_bwd_delta_kernel)[(triton.cdiv(N, DELTA_BLOCK_M), B * num_heads)](
+        o, do, delta, N, num_heads, HD, *o.stride(), *do.stride(), BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, num_warps=4)
     sm_scale = HD ** -0.5
-    common = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, BLOCK_D=BD, DROPOUT=p_drop > 0,
-                  num_warps=4, **dot_options(qkv.dtype))
+    t = tiles(qkv.dtype)
+    common = dict(BLOCK_M=t["BWD_M"], BLOCK_N=t["BWD_N"], BLOCK_D=BD, DROPOUT=p_drop > 0,
+                  num_warps=t["WARPS"], **dot_options(qkv.dtype))
     args = (qkv, do, lse, delta, dqkv, seed, N, num_heads, A, HD, *qkv.stride(), *do.stride(), *dqkv.stride(),
             sm_scale, sm_scale * LOG2E, p_drop)
-    wrap(attn_bwd_dkdv_kernel)[(triton.cdiv(N, BWD_BLOCK_N), B * num_heads)](*args, **common)
-    wrap(attn_bwd_dq_kernel)[(triton.cdiv(N, BWD_BLOCK_M), B * num_heads)](*args, **common)
+    wrap(attn_bwd_dkdv_kernel)[(triton.cdiv(N, t["BWD_N"]), B * num_heads)](*args, **common)
+    wrap(attn_bwd_dq_kernel)[(triton.cdiv(N, t["BWD_M"]), B * num_heads)](*args, **common)

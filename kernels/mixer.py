@@ -7,10 +7,11 @@ channel slab), writing x + scale * z straight into the output's first C channels
 per-sample drop-path scale and the residual, writing the output's last A channels. Neither z nor the
 concatenation of the two branches ever reaches memory.
 """
+import torch
 import triton
 import triton.language as tl
 
-from .attention import FWD_BLOCK_M, FWD_BLOCK_N, LOG2E, _dot, attn_fwd_tile, block_d, dot_options
+from .attention import LOG2E, _dot, attn_fwd_tile, block_d, dot_options, tiles
 from .dwconv import CONV_BLOCK_C, CONV_BLOCK_T, conv_fwd_tile
 from .dropout import keep
 
@@ -119,7 +120,8 @@ def launch_mixer_forward(x, y, w, qkv, proj_w, proj_b, scale, seed, out, o, lse,
     H = num_heads if A else 1
     HD = A // H if A else 1
     dtype = qkv.dtype if A else y.dtype
-    n_attn = triton.cdiv(N, FWD_BLOCK_M) * B * H if A else 0
+    t = tiles(dtype)
+    n_attn = triton.cdiv(N, t["FWD_M"]) * B * H if A else 0
     n_conv = triton.cdiv(N, CONV_BLOCK_T) * triton.cdiv(C, CONV_BLOCK_C) * B if C else 0
     yy = y if C else x  # placeholders: the branch that uses them is compiled out
     qq, oo = (qkv, o) if A else (x, x)
@@ -127,15 +129,16 @@ def launch_mixer_forward(x, y, w, qkv, proj_w, proj_b, scale, seed, out, o, lse,
         x, yy, w if C else x, qq, oo, lse if A else x, scale, seed, out,
         B, N, H, A, HD, C, GH, GW, *x.stride(), *yy.stride(), *qq.stride(), *oo.stride(), *out.stride(),
         HD ** -0.5 * LOG2E, p_attn, p_conv,
-        HAS_ATTN=A > 0, HAS_CONV=C > 0, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N, BLOCK_D=block_d(HD),
+        HAS_ATTN=A > 0, HAS_CONV=C > 0, BLOCK_M=t["FWD_M"], BLOCK_N=t["FWD_N"], BLOCK_D=block_d(HD),
         BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, ATTN_DROPOUT=p_attn > 0, CONV_DROPOUT=p_conv > 0,
-        num_warps=4, **dot_options(dtype))
+        num_warps=t["WARPS"], **dot_options(dtype))
     if A:
         M = B * N
-        wrap(proj_residual_kernel)[(triton.cdiv(M, PROJ_BLOCK_M), triton.cdiv(A, PROJ_BLOCK_N))](
+        bm = PROJ_BLOCK_M if dtype != torch.float32 else PROJ_BLOCK_M // 2
+        wrap(proj_residual_kernel)[(triton.cdiv(M, bm), triton.cdiv(A, PROJ_BLOCK_N))](
             o, proj_w, proj_b, x, scale, seed, out, N, A, C, M, *x.stride(), *out.stride(), p_proj,
-            BLOCK_M=PROJ_BLOCK_M, BLOCK_N=PROJ_BLOCK_N, BLOCK_K=PROJ_BLOCK_K, DROPOUT=p_proj > 0,
-            num_warps=4, **dot_options(o.dtype))
+            BLOCK_M=bm, BLOCK_N=PROJ_BLOCK_N, BLOCK_K=PROJ_BLOCK_K, DROPOUT=p_proj > 0,
+            num_warps=t["WARPS"], **dot_options(o.dtype))
 
 
 def launch_mixer_grad(g, scale, seed, gz, conv_dim: int, p_conv: float, p_proj: float, wrap=lambda k: k):
