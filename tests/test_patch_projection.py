@@ -1,0 +1,283 @@
+"""eit_fast::patch_projection (conv + max-pool stem in one op) against F.conv2d + F.max_pool2d: outputs and
+every gradient, both EIT stems, odd and non-square sizes, ties, NaN, gradcheck, opcheck, bad input, and the
+drop-in module."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eit_fast
+from eit_fast.modules import fused_patch
+from eit_fast.modules.fused_patch import FusedPatchEmbed
+from eit_fast.ops import patch_projection as op
+
+pytestmark = pytest.mark.skipif(not op.loaded(), reason=f"eit_fast._C not built: {op.load_error()}")
+
+# (B, H, W, D, k, stride, pool): the two stems (16/4/3 at 224 and others, 3/1/4 at 32), odd sizes, batch 1,
+# D off every tile multiple, pool 1, 1x1 kernels, windows reaching the padded border.
+CASES = [
+    (2, 32, 32, 37, 3, 1, 4), (1, 35, 29, 21, 3, 1, 4), (3, 17, 31, 5, 3, 1, 4),
+    (1, 64, 64, 19, 16, 4, 3), (2, 61, 47, 33, 16, 4, 3), (1, 40, 52, 7, 16, 4, 3),
+    (2, 9, 13, 17, 1, 1, 2), (1, 12, 10, 3, 5, 2, 1), (1, 27, 27, 250, 3, 1, 4),
+]
+
+
+def reference(x, w, b, stride, pool):
+    return F.max_pool2d(F.conv2d(x, w, b, stride, w.shape[-1] // 2), pool, pool).flatten(2).transpose(1, 2)
+
+
+def fused(x, w, b, stride, pool):
+    return op.patch_projection(x, w, b, stride, w.shape[-1] // 2, pool)
+
+
+def rel(a, ref):
+    assert not torch.isnan(a).any()
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def run_both(x, w, b, stride, pool, grad_x=True):
+    outs, grads = [], []
+    g = None
+    for fn in (reference, fused):
+        xi, wi, bi = (t.detach().clone().requires_grad_(t is not x or grad_x) for t in (x, w, b))
+        out = fn(xi, wi, bi, stride, pool)
+        g = torch.randn_like(out) if g is None else g
+        out.backward(g)
+        outs.append(out.detach())
+        grads.append([t.grad for t in (xi, wi, bi)])
+    return outs, grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_{}x{}_D{}_k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_conv_then_maxpool(case, dtype):
+    B, H, W, D, k, s, p = case
+    x, w, b = torch.randn(B, 3, H, W, dtype=dtype), torch.randn(D, 3, k, k, dtype=dtype), torch.randn(D, dtype=dtype)
+    (ref, out), (gref, gout) = run_both(x, w, b, s, p)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert out.shape == ref.shape == (B, ((H + 2 * (k // 2) - k) // s + 1) // p * (((W + 2 * (k // 2) - k) // s + 1) // p), D)
+    assert rel(out, ref) < tol
+    for got, want, name in zip(gout, gref, ("x", "weight", "bias")):
+        assert rel(got, want) < tol, name
+
+
+def test_random_sizes_beyond_the_named_ones():
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(6):
+        k, s, p = [(3, 1, 4), (16, 4, 3), (7, 2, 2)][int(torch.randint(0, 3, (1,), generator=gen))]
+        H, W = (int(v) for v in torch.randint(k + p * s, 80, (2,), generator=gen))
+        D = int(torch.randint(1, 70, (1,), generator=gen))
+        x, w, b = torch.randn(2, 3, H, W, dtype=torch.float64), torch.randn(D, 3, k, k, dtype=torch.float64), \
+            torch.randn(D, dtype=torch.float64)
+        (ref, out), (gref, gout) = run_both(x, w, b, s, p)
+        assert rel(out, ref) < 1e-12 and all(rel(a, r) < 1e-12 for a, r in zip(gout, gref)), (H, W, D, k, s, p)
+
+
+def test_non_contiguous_input():
+    base = torch.randn(2, 40, 37, 6)[..., ::2].permute(0, 3, 1, 2)  # (2, 3, 40, 37), strided
+    assert not base.is_contiguous()
+    w, b = torch.randn(9, 3, 3, 3), torch.randn(9)
+    (ref, out), (gref, gout) = run_both(base, w, b, 1, 4)
+    assert rel(out, ref) < 1e-5 and all(rel(a, r) < 1e-5 for a, r in zip(gout, gref))
+    cl = torch.randn(2, 3, 33, 33).to(memory_format=torch.channels_last)
+    (ref, out), _ = run_both(cl, w, b, 1, 4)
+    assert rel(out, ref) < 1e-5
+
+
+def test_ties_go_to_the_first_maximum_in_window_order():
+    # Small integers: every conv value is exact, so equal windows tie exactly in both implementations and
+    # the gradients show which window position won.
+    x = torch.randint(0, 2, (2, 3, 1, 1)).double().expand(2, 3, 21, 19).contiguous()  # constant images
+    x[:, :, ::5] = 0  # some structure; most windows still hold equal values
+    w = torch.randint(-2, 3, (6, 3, 3, 3)).double()
+    b = torch.randint(-2, 3, (6,)).double()
+    (ref, out), (gref, gout) = run_both(x, w, b, 1, 4)
+    _, argmax = torch.ops.eit_fast.patch_projection(x, w, b, 1, 1, 4)
+    conv = F.conv2d(x, w, b, 1, 1)[:, :, :20, :16].unfold(2, 4, 4).unfold(3, 4, 4).flatten(-2)
+    ties = (conv == conv.max(-1, keepdim=True).values).sum(-1) > 1
+    assert ties.float().mean() > 0.5  # the case really is about ties
+    assert torch.equal(out, ref)
+    for got, want in zip(gout, gref):  # a gradient routed to another window would be off by O(1)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    first = (conv == conv.max(-1, keepdim=True).values).int().argmax(-1)  # first maximum, row-major
+    assert torch.equal(argmax.long(), first.flatten(2).transpose(1, 2))
+
+
+def test_nan_propagates_like_max_pool():
+    x, w, b = torch.randn(2, 3, 24, 24), torch.randn(5, 3, 3, 3), torch.randn(5)
+    x[0, 1, 5, 7] = float("nan")
+    x[1, 0, 20, 3] = float("nan")
+    (ref, out), (gref, gout) = run_both(x, w, b, 1, 4)
+    assert torch.isnan(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+    for got, want in zip(gout, gref):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_no_worse_than_pytorch_in_bfloat16():
+    x, w, b = torch.randn(2, 3, 48, 40), torch.randn(24, 3, 16, 16) * 0.05, torch.randn(24)
+    (ref64, _), (gref64, _) = run_both(x.double(), w.double(), b.double(), 4, 3)
+    torch.manual_seed(1)
+    (ref16, out16), (g16, gout16) = run_both(x.bfloat16(), w.bfloat16(), b.bfloat16(), 4, 3)
+    assert out16.dtype == torch.bfloat16
+    assert rel(out16, ref64) <= 2 * rel(ref16, ref64) + 1e-3
+    # Gradients routed through an argmax can pick another window on near-ties in bf16; compare weight/bias.
+    for i in (1, 2):
+        assert rel(gout16[i], gref64[i]) <= 2 * rel(g16[i], gref64[i]) + 1e-2
+
+
+def test_only_the_needed_gradients_are_computed():
+    x, w, b = torch.randn(1, 3, 20, 20), torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    fused(x, w, b, 1, 4).sum().backward()
+    assert x.grad is None and w.grad is not None and b.grad is not None
+
+
+def test_gradcheck_fp64():
+    x = torch.randn(2, 3, 11, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: op.patch_projection(*a, 1, 1, 2), (x, w, b))
+    x2 = torch.randn(1, 3, 21, 18, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: op.patch_projection(*a, 2, 4, 3), (x2, w2, b[:3].detach().requires_grad_()))
+
+
+def test_opcheck():
+    for args in [(torch.randn(2, 3, 13, 12), torch.randn(7, 3, 3, 3), torch.randn(7), 1, 1, 4),
+                 (torch.randn(1, 3, 30, 26, requires_grad=True), torch.randn(5, 3, 16, 16, requires_grad=True),
+                  torch.randn(5, requires_grad=True), 4, 8, 3)]:
+        torch.library.opcheck(torch.ops.eit_fast.patch_projection.default, args)
+
+
+def test_cuda_path_traces_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with FakeTensorMode():
+        x = torch.empty(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(250, 3, 16, 16, device="cuda", dtype=torch.bfloat16)
+        b = torch.empty(250, device="cuda", dtype=torch.bfloat16)
+        out = torch.ops.eit_fast.patch_projection(x, w, b, 4, 8, 3)
+        g = make_fx(lambda *a: torch.ops.eit_fast.patch_projection(*a, 4, 8, 3)[0])(x, w, b)
+    assert out[0].shape == (4, 361, 250) and out[1].dtype == torch.uint8 and out[0].device.type == "cuda"
+    assert "eit_fast.patch_projection" in str(g.graph)
+
+
+def test_both_cpu_and_cuda_kernels_are_registered():
+    assert op.has_kernel("cpu")
+    if not eit_fast._C.with_cuda:
+        pytest.fail(f"this install was built without the CUDA kernels: {eit_fast._C.build_note}")
+    assert op.has_kernel("cuda")
+    for name in ("patch_projection", "patch_projection_backward_weight", "patch_projection_backward_input"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"eit_fast::{name}", key), (name, key)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.randn(3, 32, 32), torch.randn(4, 3, 3, 3), torch.randn(4), 1, 1, 4), "4-D image batch"),
+    ((torch.randn(1, 4, 32, 32), torch.randn(4, 3, 3, 3), torch.randn(4), 1, 1, 4), "expects 3 input channels"),
+    ((torch.randn(1, 3, 32, 32), torch.randn(4, 3, 3, 2), torch.randn(4), 1, 1, 4), "square kernel"),
+    ((torch.randn(1, 3, 32, 32), torch.randn(4, 3, 3, 3), torch.randn(5), 1, 1, 4), "bias must be"),
+    ((torch.randn(1, 3, 32, 32), torch.randn(4, 3, 3, 3).double(), torch.randn(4), 1, 1, 4), "share a dtype"),
+    ((torch.randn(1, 3, 32, 32), torch.randn(4, 3, 3, 3), torch.randn(4), 1, 1, 17), "at most 16"),
+    ((torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4), 1, 1, 7), "smaller than the 7x7 pool"),
+    ((torch.randn(1, 3, 4, 4), torch.randn(4, 3, 16, 16), torch.randn(4), 4, 2, 1), "smaller than the 16x16 kernel"),
+    ((torch.randn(1, 3, 32, 32), torch.randn(4, 3, 3, 3), torch.randn(4), 0, 1, 4), "stride >= 1"),
+    ((torch.randn(1, 3, 32, 32).half(), torch.randn(4, 3, 3, 3).half(), torch.randn(4).half(), 1, 1, 4),
+     "CPU kernel takes torch.float32, torch.bfloat16, torch.float64, not torch.float16"),
+])
+def test_bad_input_is_refused_clearly(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        op.patch_projection(*args)
+
+
+# --- the drop-in module -----------------------------------------------------------------------------------
+
+def test_create_model_fused_uses_the_fused_stem_with_the_same_parameters():
+    ref = eit_fast.create_model("eit_cifar", impl="reference").eval()
+    model = eit_fast.create_model("eit_cifar", impl="auto").eval()
+    assert isinstance(model.patch_embed, FusedPatchEmbed) and not isinstance(ref.patch_embed, FusedPatchEmbed)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert fused_patch.swap(model) == 0  # already fused
+
+
+def test_patch_swaps_in_place_and_trains_like_the_reference():
+    ref = eit_fast.create_model("eit_cifar", impl="reference", drop_rate=0.0, attn_drop_rate=0.0,
+                                drop_path_rate=0.0)
+    model = copy.deepcopy(ref)
+    eit_fast.patch(model)
+    assert isinstance(model.patch_embed, FusedPatchEmbed)
+    x, y = torch.randn(8, 3, ref.cfg.img_size, ref.cfg.img_size), torch.randint(0, ref.cfg.num_classes, (8,))
+    losses = []
+    for m in (ref, model):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        run = []
+        for _ in range(3):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    torch.testing.assert_close(model.patch_embed.eit_p.conv.weight, ref.patch_embed.eit_p.conv.weight,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_module_takes_any_image_size_including_non_square():
+    ref = eit_fast.create_model("eit_mini", impl="reference").patch_embed
+    stem = FusedPatchEmbed.from_reference(ref)
+    assert stem.eit_p is ref.eit_p
+    for H, W in [(224, 224), (97, 150), (61, 33)]:
+        x = torch.randn(1, 3, H, W)
+        out = stem(x)
+        assert out.shape[1] == stem.grid(H, W)[0] * stem.grid(H, W)[1]
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_and_fallback():
+    ref = eit_fast.create_model("eit_cifar", impl="reference").patch_embed
+    stem = FusedPatchEmbed.from_reference(ref)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = stem(x), ref(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused_patch._warned.clear()
+        half = FusedPatchEmbed.from_reference(eit_fast.create_model("eit_cifar").patch_embed.half())
+        half(x.half())
+    assert any("not torch.float16; running the reference conv + max-pool instead" in str(w.message) for w in caught)
+
+
+def test_provider_refuses_the_vit_stem_with_a_reason():
+    vit = eit_fast.create_model("vit_cifar", impl="reference")
+    assert "not EIT's conv + max-pool" in fused_patch.applies_to(vit)
+    eit = eit_fast.create_model("eit_cifar", impl="reference")
+    assert fused_patch.applies_to(eit) is None
+    eit.patch_embed.eit_p.pool.ceil_mode = True
+    assert "ceil_mode" in fused_patch.applies_to(eit)
+    with pytest.raises(ValueError, match="cannot fuse this stem"):
+        FusedPatchEmbed.from_reference(eit.patch_embed)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [(2, 32, 32, 250, 3, 1, 4), (2, 224, 224, 250, 16, 4, 3), (1, 61, 47, 33, 16, 4, 3)])
+def test_cuda_matches_the_reference(case, dtype):
+    B, H, W, D, k, s, p = case
+    x = torch.randn(B, 3, H, W, device="cuda")
+    w, b = torch.randn(D, 3, k, k, device="cuda") * (2 / (3 * k * k)) ** 0.5, torch.randn(D, device="cuda")
+    (ref64, _), (gref64, _) = run_both(x.double(), w.double(), b.double(), s, p)
+    (refl, outl), (gl, goutl) = run_both(x.to(dtype), w.to(dtype), b.to(dtype), s, p)
+    assert outl.dtype == dtype
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert rel(outl, ref64) <= 2 * rel(refl, ref64) + floor
+    for i in (1, 2) if dtype != torch.float32 else (0, 1, 2):
+        assert rel(goutl[i], gref64[i]) <= 2 * rel(gl[i], gref64[i]) + floor * 10
