@@ -47,9 +47,10 @@ def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.P
         load_checkpoint(model, checkpoint_path)
     if features_only:
         try:
-            from timm.models import FeatureGetterNet
+            import timm  # noqa: F401
         except ImportError as e:
             raise ImportError("features_only=True wraps the model in timm's feature extractor: pip install "
                               "timm (or call model.forward_intermediates(x, indices) directly)") from e
+        from timm.models._features import FeatureGetterNet  # what timm.create_model(features_only=True) uses
         model = FeatureGetterNet(model, out_indices=out_indices)
     return model

@@ -35,7 +35,7 @@ def count_params(model: nn.Module) -> int:
 def count_macs(cfg: EITConfig, batch: int = 1) -> MacCount:
     with torch.device("meta"):
         model = EIT(cfg).eval()
-        x = torch.empty(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+        x = torch.empty(batch, cfg.in_chans, *cfg.img_hw)
     with FlopCounterMode(display=False) as counter:
         model(x)
     flops = counter.get_flop_counts()
