@@ -171,6 +171,9 @@ def attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, seed_ptr,
              (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=md_mask)
 
 
+MAX_HEAD_DIM = 64  # the largest BLOCK_D whose configs are compiled and checked for spills (EIT's are <= 33)
+
+
 def block_d(head_dim: int) -> int:
     """The in-kernel head-dimension block: a power of 2, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(head_dim))

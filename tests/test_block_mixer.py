@@ -66,6 +66,8 @@ def test_swap_keeps_parameters_and_state_dict():
     assert all(p is before[n] for n, p in model.named_parameters())
     assert fused_block.swap(model) == 0  # already fused
     assert fused_block.applies_to(torch.nn.Linear(2, 2)) == "the model has no EIT/ViT blocks"
+    wide = create_model("vit_cifar", impl="reference", embed_dim=260, num_heads=2)
+    assert fused_block.applies_to(wide) == "head size 130 is over the fused kernels' maximum 64"
 
 
 @pytest.mark.parametrize("cfg_name,layer,grid", [("eit_micro", 0, (8, 8)), ("eit_micro", 3, (8, 8)),

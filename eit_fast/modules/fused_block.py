@@ -28,6 +28,11 @@ class FusedBlock(Block):
                 self.attn.proj_drop.p if self.attn_dim else 0.0)
 
     def forward(self, x, grid: tuple[int, int]):
+        out = self.mix_residual(x, grid)
+        return out + self.drop_path(self.mlp(self.norm2(out)))
+
+    def mix_residual(self, x, grid: tuple[int, int]):
+        """x + drop_path(mix(norm1(x))): the block's first half, the fused part."""
         B = x.shape[0]
         y = self.norm1(x)
         c, a = self.conv_dim, self.attn_dim
@@ -48,7 +53,7 @@ class FusedBlock(Block):
         out, _, _ = _op.block_mixer(x, y[..., :c] if c else None, self.eit_t.conv1.weight if c else None, qkv,
                                     proj_w, self.attn.proj.bias if a else None, scale, seed, int(grid[0]),
                                     int(grid[1]), self.attn.num_heads if a else 1, *rates)
-        return out + self.drop_path(self.mlp(self.norm2(out)))
+        return out
 
     def dropout_masks(self) -> dict:
         """Keep masks of the last forward (needs debug_masks = True): attn (B, H, N, N), conv (B, N, C),
@@ -75,6 +80,10 @@ def applies_to(model) -> str | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not any(isinstance(b, Block) for b in blocks):
         return "the model has no EIT/ViT blocks"
+    big = [b.attn.head_dim for b in blocks if isinstance(b, Block) and b.attn_dim
+           and b.attn.head_dim > _op.MAX_HEAD_DIM]
+    if big:
+        return f"head size {max(big)} is over the fused kernels' maximum {_op.MAX_HEAD_DIM}"
     return None
 
 

@@ -12,6 +12,7 @@ was set before import, and otherwise the reference math in plain torch (no dropo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -23,9 +24,11 @@ from torch.library import triton_op, wrap_triton
 try:
     from eit_fast import kernels as _k
     from eit_fast.kernels import attention as _attn, dropout as _drop, dwconv as _conv, mixer as _mix
+    from eit_fast.kernels.attention import MAX_HEAD_DIM
     HAVE_TRITON = True
 except ImportError:  # no triton: only the CPU reference path exists
     HAVE_TRITON = False
+    MAX_HEAD_DIM = 64
 
 LOG2E = 1.4426950408889634
 
@@ -77,6 +80,12 @@ def _check(x, y_conv, conv_w, qkv, proj_w, proj_b, scale, seed, grid_h, grid_w, 
         if not 0.0 <= p < 1.0:
             raise ValueError(f"block_mixer: {name} must be in [0, 1), got {p}")
     return B, N, D, C, A
+
+
+def _no_autocast(device_type: str):
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()  # meta / fake devices have no autocast state
 
 
 def _no_cpu_dropout(ps):
@@ -146,9 +155,12 @@ def block_mixer(x: Tensor, y_conv: Optional[Tensor], conv_w: Optional[Tensor], q
                 p_proj: float) -> tuple[Tensor, Tensor, Tensor]:
     ps = (p_attn, p_conv, p_proj)
     B, N, D, C, A = _check(x, y_conv, conv_w, qkv, proj_w, proj_b, scale, seed, grid_h, grid_w, num_heads, ps)
+    if A and A // num_heads > MAX_HEAD_DIM and _use_kernels(x):
+        raise ValueError(f"block_mixer: head size {A // num_heads} is over the fused kernels' maximum "
+                         f"{MAX_HEAD_DIM}; use the reference block for this layer")
     if not _use_kernels(x):
         _no_cpu_dropout(ps)
-        with torch.autocast(x.device.type, enabled=False):  # the op's dtypes are its inputs', as on CUDA
+        with _no_autocast(x.device.type):  # the op's dtypes are its inputs', as on CUDA
             return _ref_forward(x, y_conv, conv_w, qkv, proj_w, proj_b, scale, grid_h, grid_w, num_heads)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     o = x.new_empty((B, N, A) if A else (0,), dtype=qkv.dtype if A else x.dtype)
@@ -228,7 +240,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, _go, _glse):
     y_conv, conv_w, qkv, proj_w, o, lse, scale, seed = ctx.saved_tensors
-    with torch.autocast(g.device.type, enabled=False):  # a backward called under autocast keeps our dtypes
+    with _no_autocast(g.device.type):  # a backward called under autocast keeps our dtypes
         dy, dw, dqkv, dpw, dpb = block_mixer_backward(g, y_conv, conv_w, qkv, proj_w, o, lse, scale, seed,
                                                       *ctx.args)
     has_conv, has_attn = ctx.has
