@@ -102,12 +102,21 @@ def test_drop_path_scale_matches_reference_draws():
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter runs dropout")
-def test_cpu_path_refuses_dropout():
+def test_cpu_dropout_takes_the_reference_math():
+    """The op's CPU path has no dropout masks: it refuses, and the block takes the reference module's math."""
     cfg, ref, fused = _pair("eit_micro", 0)
-    fused.attn.attn_drop.p = 0.1
-    fused.train()
+    for blk in (ref, fused):
+        blk.attn.attn_drop.p = 0.3
+        blk.train()
+    x = torch.randn(2, 65, cfg.embed_dim)
+    torch.manual_seed(5)
+    out_r = ref(x, (8, 8))
+    torch.manual_seed(5)
+    out_f = fused(x, (8, 8))
+    assert torch.equal(out_f, out_r)
     with pytest.raises(NotImplementedError, match="dropout on the CPU reference path is not supported"):
-        fused(torch.randn(1, 65, cfg.embed_dim), (8, 8))
+        op.block_mixer(x, None, None, torch.randn(2, 65, 3 * cfg.embed_dim), torch.randn(96, 96),
+                       torch.randn(96), torch.ones(2), torch.zeros(1, dtype=torch.int64), 8, 8, 4, 0.1, 0.0, 0.0)
 
 
 def test_bad_input_is_refused_with_the_problem_named():
