@@ -144,7 +144,7 @@ int self_check() {
 
 int main(int argc, char** argv) {
   if (argc == 1) return self_check();
-  if (argc != 14) {
+  if (argc != 13) {
     std::fprintf(stderr, "usage: %s f32|f64 B C H W D k stride pad pool IN_DIR OUT_DIR\n", argv[0]);
     return 2;
   }
