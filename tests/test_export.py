@@ -75,3 +75,15 @@ def test_torch_jit_trace_skips_the_checks():
     assert "check_input" not in traced.code
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_of_the_fused_stem_keeps_the_custom_op():
+    """The fused model is the same class with swapped modules; export sees its ops through their fake kernels."""
+    model = create_model("eit_micro", impl="auto", dynamic_img_size=True).eval()
+    if type(model.patch_embed).__name__ != "FusedPatchEmbed":
+        pytest.skip("the fused stem cannot run here (eit_fast._C not built)")
+    x = torch.randn(2, 3, 32, 32)
+    dims = {0: Dim("batch", max=64), 2: 8 * Dim("h8", min=2, max=16), 3: 8 * Dim("w8", min=2, max=16)}
+    program = export(model, (x,), dynamic_shapes=(dims,))
+    assert any("eit_fast.patch_projection" in str(n.target) for n in program.graph.nodes)
+    assert_same(program.module(), model, {"dynamic_img_size": True})

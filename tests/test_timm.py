@@ -198,3 +198,24 @@ def test_authors_checkpoint_loads_into_a_timm_built_model(tmp_path):
     eit_fast.load_checkpoint(model, tmp_path / "authors.pth")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
     assert re.search(r"eit_fast\.load_checkpoint", get_pretrained_cfg("eit_micro").notes[0])
+
+
+@pytest.mark.slow
+def test_readme_timm_example_runs(tmp_path, monkeypatch):
+    """The README's timm section, run as written (with an authors'-style checkpoint where it loads one)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("\n## timm\n")[1]
+    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    assert 'eit_fast.load_checkpoint(model, "best_checkpoint.pth")' in code
+    torch.save({"model": eit_fast.create_model("eit_mini").state_dict(), "epoch": 299}, tmp_path / "best_checkpoint.pth")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["model"].num_classes == 10 and scope["cfg"]["input_size"] == (3, 224, 224)
+    assert [tuple(f.shape) for f in scope["feats"](torch.randn(1, 3, 224, 224))] == [(1, 250, 19, 19)] * 2
+    assert scope["pooled"].shape == (1, 250) and scope["wide"].shape == (1, 1000)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = scope["model"](x)
+        for exported in (scope["scripted"], scope["graph"], scope["program"].module()):
+            torch.testing.assert_close(exported(x), want, rtol=1e-5, atol=1e-5)
