@@ -69,7 +69,7 @@ def attn_fwd_tile(qkv_ptr, o_ptr, lse_ptr, seed_ptr, pid_m, pid_bh,
 def attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, HD, s_ob, s_on, s_oc, s_db, s_dn, s_dc,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[b, h, i] = sum_d dO * O: the softmax backward's row term (dropout leaves it unchanged)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # B*H on axis 0: no 65535 limit
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,7 +89,7 @@ def attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, seed_ptr
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     """dK and dV of one BLOCK_N slab of keys of one (batch, head), looping over all queries."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)  # B*H on axis 0: no 65535 limit
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +137,7 @@ def attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, seed_ptr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     """dQ of one BLOCK_M slab of queries of one (batch, head), looping over all keys."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # B*H on axis 0: no 65535 limit
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -206,7 +206,7 @@ def launch_attention_backward(qkv, o, do, lse, seed, dqkv, num_heads: int, p_dro
     HD = A // num_heads
     BD = block_d(HD)
     delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
-    wrap(attn_bwd_delta_kernel)[(triton.cdiv(N, DELTA_BLOCK_M), B * num_heads)](
+    wrap(attn_bwd_delta_kernel)[(B * num_heads, triton.cdiv(N, DELTA_BLOCK_M))](
         o, do, delta, N, num_heads, HD, *o.stride(), *do.stride(), BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, num_warps=4)
     sm_scale = HD ** -0.5
     t = tiles(qkv.dtype)
@@ -214,5 +214,5 @@ def launch_attention_backward(qkv, o, do, lse, seed, dqkv, num_heads: int, p_dro
                   num_warps=t["WARPS"], **dot_options(qkv.dtype))
     args = (qkv, do, lse, delta, dqkv, seed, N, num_heads, A, HD, *qkv.stride(), *do.stride(), *dqkv.stride(),
             sm_scale, sm_scale * LOG2E, p_drop)
-    wrap(attn_bwd_dkdv_kernel)[(triton.cdiv(N, t["BWD_N"]), B * num_heads)](*args, **common)
-    wrap(attn_bwd_dq_kernel)[(triton.cdiv(N, t["BWD_M"]), B * num_heads)](*args, **common)
+    wrap(attn_bwd_dkdv_kernel)[(B * num_heads, triton.cdiv(N, t["BWD_N"]))](*args, **common)
+    wrap(attn_bwd_dq_kernel)[(B * num_heads, triton.cdiv(N, t["BWD_M"]))](*args, **common)

@@ -53,7 +53,7 @@ def conv_bwd_input_kernel(gz_ptr, w_ptr, dy_ptr, N, C, GH, GW, s_gb, s_gn, s_gc,
     """dy = conv_transpose(gz) on patch tokens (the 3x3 taps mirrored); dy = gz on CLS.
 
     gz is the gradient of z: already scaled per sample and masked by the branch dropout."""
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, pid_t, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_t = t < N
@@ -147,7 +147,7 @@ def launch_conv_backward(gz, y, w, dy, grid_hw, wrap=lambda k: k):
     B, N, C = gz.shape
     GH, GW = grid_hw[0], max(grid_hw[1], 1)  # no patches (N = 1): keep the modulo defined
     BT, BC = CONV_BLOCK_T, CONV_BLOCK_C
-    wrap(conv_bwd_input_kernel)[(triton.cdiv(N, BT), triton.cdiv(C, BC), B)](
+    wrap(conv_bwd_input_kernel)[(B, triton.cdiv(N, BT), triton.cdiv(C, BC))](
         gz, w, dy, N, C, GH, GW, *gz.stride(), *dy.stride(), BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
     splits = max(1, min(WGRAD_SPLITS, triton.cdiv(B * triton.cdiv(N, BT), 4)))
     part = torch.empty((splits, 9, C), device=gz.device, dtype=torch.float32)

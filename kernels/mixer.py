@@ -86,7 +86,7 @@ def mixer_grad_kernel(g_ptr, scale_ptr, seed_ptr, gz_ptr, N, D, C, s_gb, s_gn, s
     """gz = dL/dz = g * scale[b] * (dropout mask / keep rate) for both branches; gz is (B, N, D) contiguous.
 
     Conv channels (< C) use the conv branch's mask (none on CLS); the others the projection's."""
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, pid_t, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (t < N)[:, None] & (ch < D)[None, :]
@@ -143,7 +143,7 @@ def launch_mixer_forward(x, y, w, qkv, proj_w, proj_b, scale, seed, out, o, lse,
 
 def launch_mixer_grad(g, scale, seed, gz, conv_dim: int, p_conv: float, p_proj: float, wrap=lambda k: k):
     B, N, D = g.shape
-    wrap(mixer_grad_kernel)[(triton.cdiv(N, GRAD_BLOCK_T), triton.cdiv(D, GRAD_BLOCK_C), B)](
+    wrap(mixer_grad_kernel)[(B, triton.cdiv(N, GRAD_BLOCK_T), triton.cdiv(D, GRAD_BLOCK_C))](
         g, scale, seed, gz, N, D, conv_dim, *g.stride(), p_conv, p_proj,
         BLOCK_T=GRAD_BLOCK_T, BLOCK_C=GRAD_BLOCK_C, CONV_DROPOUT=p_conv > 0 and conv_dim > 0,
         PROJ_DROPOUT=p_proj > 0 and conv_dim < D, num_warps=4)
