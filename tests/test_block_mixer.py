@@ -107,6 +107,7 @@ def test_cpu_dropout_takes_the_reference_math():
     cfg, ref, fused = _pair("eit_micro", 0)
     for blk in (ref, fused):
         blk.attn.attn_drop.p = 0.3
+        blk.drop_path.p = 0.5
         blk.train()
     x = torch.randn(2, 65, cfg.embed_dim)
     torch.manual_seed(5)

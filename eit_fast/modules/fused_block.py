@@ -33,6 +33,10 @@ class FusedBlock(Block):
 
     def mix_residual(self, x, grid: tuple[int, int]):
         """x + drop_path(mix(norm1(x))): the block's first half, the fused part."""
+        rates = self._rates()
+        if any(rates) and x.device.type == "cpu" and not _op.interpreting():
+            # The op's CPU path is the reference math without dropout masks: take the reference module's.
+            return x + self.drop_path(self.mix(self.norm1(x), grid))
         B = x.shape[0]
         y = self.norm1(x)
         c, a = self.conv_dim, self.attn_dim
@@ -42,10 +46,6 @@ class FusedBlock(Block):
             scale = x.new_empty((B, 1, 1), dtype=torch.float32).bernoulli_(keep).div_(keep).reshape(B)
         else:
             scale = torch.ones(B, device=x.device, dtype=torch.float32)
-        rates = self._rates()
-        if any(rates) and x.device.type == "cpu" and not _op.interpreting():
-            # The op's CPU path is the reference math without dropout masks: take the reference module's.
-            return x + self.drop_path(self.mix(self.norm1(x), grid))
         if any(rates):
             seed = torch.randint(0, 2 ** 31 - 1, (1,), device=x.device, dtype=torch.int64)
         else:
