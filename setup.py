@@ -55,23 +55,24 @@ def is_toolkit(path):
             and any(glob.glob(os.path.join(path, d, "libcudart.so*")) for d in lib))
 
 
-def find_cuda_home():
+def find_cuda_home(env=os.environ, search=("/usr/local/cuda", "/usr/local/cuda-*")):
     """(toolkit folder or None, how it was found or why none was).
 
     torch's own guess with CUDA_HOME unset takes the folder two levels above the first nvcc on PATH, which is
     wrong when that nvcc is a wrapper script (as in /usr/local/bin/nvcc -> /usr/local); so look ourselves.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            path = os.environ[var]
+        if env.get(var):
+            path = env[var]
             if is_toolkit(path):
                 return path, f"${var}={path}"
             return None, f"${var}={path} is not a CUDA toolkit (needs bin/nvcc, include/cuda_runtime.h, libcudart)"
     candidates = []
-    nvcc = shutil.which("nvcc")
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for pattern in search:
+        candidates += sorted(glob.glob(pattern), reverse=True)
     for path in candidates:
         if is_toolkit(path):
             return path, f"found at {path}"
@@ -111,7 +112,10 @@ def extensions():
         note += f", archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
     print(f"eit_fast._C: building {note}", file=sys.stderr)
     write_build_info(with_cuda, note)
+    import torch.utils.cpp_extension as cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home  # in case it was imported (and guessed) before we set CUDA_HOME
     flags = {"cxx": ["-O3"]}  # torch sets the C++ standard it needs (C++20 for torch 2.14)
     include_dirs = [GENERATED]
     if with_cuda:
