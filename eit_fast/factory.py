@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
-from .configs import get_config
+from .configs import get_config, pretrained_cfg
 from .models import EIT
 from .patching import patch
 from .runtime import record_selection, resolve_impl
@@ -20,6 +20,7 @@ def build_model(name: str, impl: str | None = None, device=None, dtype: Optional
     cfg = get_config(name, **overrides)  # an unknown option raises a TypeError naming it
     requested = resolve_impl(impl)
     model = EIT(cfg, device=device, dtype=dtype)
+    model.pretrained_cfg = pretrained_cfg(cfg, name)
     if requested == "reference":
         record_selection(model=name, requested=requested, chosen="reference", fused=[],
                          reason="reference: as requested")

@@ -270,6 +270,7 @@ def test_timm_attributes(name, reduction):
     assert dict(model.named_modules())["blocks.0"] is model.blocks[0]
     assert model.get_classifier() is model.head
     assert model.pretrained_cfg["input_size"] == (3, *model.cfg.img_hw)
+    assert model.pretrained_cfg["architecture"] == name
     assert create_model(name, pre_logits=64).head_hidden_size == 64
 
 
@@ -421,3 +422,18 @@ def test_group_matcher_covers_stem_blocks_and_norm():
     block_re = m["blocks"][0][0]
     assert {int(re.match(block_re, k).group(1)) for k, _ in model.named_parameters() if re.match(block_re, k)} == \
         set(range(5))
+
+
+def test_eit_fast_needs_no_timm():
+    """timm is optional: without it eit_fast imports and builds models; features_only says what it needs."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['timm'] = None\n"
+            "import torch, eit_fast\n"
+            "assert not hasattr(eit_fast, 'timm_models')\n"
+            "assert eit_fast.create_model('eit_micro', num_classes=0)(torch.randn(1, 3, 32, 32)).shape == (1, 96)\n"
+            "try:\n    eit_fast.create_model('eit_micro', features_only=True)\n"
+            "except ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "features_only=True wraps the model in timm's feature extractor: pip install timm" in r.stdout

@@ -207,7 +207,8 @@ def test_readme_timm_example_runs(tmp_path, monkeypatch):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("\n## timm\n")[1]
     code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
     assert 'eit_fast.load_checkpoint(model, "best_checkpoint.pth")' in code
-    torch.save({"model": eit_fast.create_model("eit_mini").state_dict(), "epoch": 299}, tmp_path / "best_checkpoint.pth")
+    authors = {"model": eit_fast.create_model("eit_mini").state_dict(), "epoch": 299}
+    torch.save(authors, tmp_path / "best_checkpoint.pth")
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
