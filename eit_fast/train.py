@@ -30,7 +30,7 @@ from .data.fingerprint import fingerprint_difference
 from .data.loader import AugmentConfig
 from .data.sampling import derive_seed
 from .ema import EMA
-from .evaluate import AMP_DTYPES, autocast, evaluate
+from .evaluate import autocast, evaluate
 from .factory import create_model
 from .optim import make_optimizer, make_scheduler
 from .run_folder import RunFolder, list_checkpoints  # noqa: F401  (list_checkpoints: part of this module's API)

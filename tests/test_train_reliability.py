@@ -1,7 +1,4 @@
 """Issue 9: nothing lost, nothing silently wrong. Each test here failed before its fix."""
-import fcntl
-import json
-import math
 import os
 import signal
 import subprocess
@@ -19,18 +16,12 @@ from eit_fast.checkpoint import read_file
 from eit_fast.configs import ConfigError
 from eit_fast.run_folder import LOCK_NAME, RunFolder
 
+from test_checkpoint import flip_middle
 from test_train import TINY, NaNAfter, metrics, run, trainer, write_cifar10, write_folder
 
 
 def checkpoints(out):
     return sorted(p.name for p in Path(out).glob("checkpoint-*.pt"))
-
-
-def flip_middle(path, nbytes=4096):
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + nbytes] = bytes(b ^ 0xFF for b in data[mid:mid + nbytes])
-    path.write_bytes(bytes(data))
 
 
 # --- data loss ------------------------------------------------------------------------------------------------
