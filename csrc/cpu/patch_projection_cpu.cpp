@@ -4,9 +4,7 @@
 // windows cover) are gathered into a cache-sized matrix P; a register-blocked micro-kernel multiplies 6 rows
 // of P by 16 channels of the packed weights at a time (D is the vector dimension) and folds the result,
 // still in registers, into the tile's running max and argmax. Only pooled tokens are written; the conv map never exists.
-// Backward works on chunks of images: the pooled gradient routed through the argmax gives the chunk's sparse
-// conv-output gradient G, dW += G^T P and dP = G W are BLAS GEMMs (run outside any parallel region, so the
-// BLAS uses its own threads), and dP is folded back onto the input.
+// Backward follows each pooled gradient to its argmax conv position only (see backward_weight_cpu).
 // Arithmetic in float for fp32/bf16 inputs, double for fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -196,26 +194,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, const at:
   return {out, argmax};
 }
 
-// Images per backward chunk: about 8192 conv rows, so the chunk's P and G stay a few MB.
-int64_t images_per_chunk(const PatchShape& s) {
-  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, s.T() * s.window()));
-}
+// The backward is sparse: each pooled gradient g[n][d] belongs to one conv position, the argmax window w, so
+// dW[d] += g[n][d] * P[n][w] and dP[n][w] += g[n][d] * W[d] (rows of length C*k*k), which is window^2 times
+// less work than a dense GEMM on the routed conv-output gradient, and never materialises that gradient.
 
-// G[(n - n0) * window + w][d] = grad[n][d] if argmax[n][d] == w else 0, for tokens n in [n0, n0 + count).
-template <typename scalar_t, typename acc_t>
-void route_grad(const PatchShape& s, const scalar_t* grad, const uint8_t* argmax, int64_t n0, int64_t count,
-                acc_t* G) {
-  const int64_t D = s.D, win = s.window();
-  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* g = grad + (n0 + i) * D;
-      const uint8_t* a = argmax + (n0 + i) * D;
-      for (int64_t w = 0; w < win; ++w) {
-        acc_t* row = G + (i * win + w) * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = a[d] == w ? static_cast<acc_t>(g[d]) : acc_t(0);
-      }
-    }
-  });
+template <typename acc_t>
+inline void axpy(acc_t* __restrict__ y, const acc_t* __restrict__ x, acc_t a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in, const at::Tensor& argmax_in,
@@ -228,21 +213,27 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in
                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const int64_t K = s.K(), D = s.D, win = s.window(), T = s.T(), chunk = images_per_chunk(s);
-    at::Tensor dw = at::zeros({D, K}, acc_opts);
-    at::Tensor P = at::empty({std::min(chunk, s.B) * T * win, K}, acc_opts);
-    at::Tensor G = at::empty({std::min(chunk, s.B) * T * win, D}, acc_opts);
+    const int64_t K = s.K(), D = s.D, win = s.window(), T = s.T();
+    // One (D, K) accumulator per thread, summed at the end: no shared writes in the parallel loop.
+    at::Tensor partial = at::zeros({at::get_num_threads(), D, K}, acc_opts);
     const scalar_t* xptr = x.data_ptr<scalar_t>();
-    for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
-      const int64_t nb = std::min(chunk, s.B - b0), rows = nb * T * win;
-      acc_t* pptr = P.data_ptr<acc_t>();
-      at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) gather_patches(s, xptr, b0 + i, 0, T, win, 1, pptr + i * T * win * K);
-      });
-      route_grad(s, grad.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), b0 * T, nb * T, G.data_ptr<acc_t>());
-      dw.addmm_(G.narrow(0, 0, rows).t(), P.narrow(0, 0, rows));
-    }
-    dweight = dw.view(weight.sizes()).to(weight.scalar_type());
+    const scalar_t* gptr = grad.data_ptr<scalar_t>();
+    const uint8_t* aptr = argmax.data_ptr<uint8_t>();
+    acc_t* part = partial.data_ptr<acc_t>();
+    at::parallel_for(0, s.N(), 1, [&](int64_t begin, int64_t end) {
+      acc_t* dw = part + at::get_thread_num() * D * K;
+      std::vector<acc_t> P(win * K);
+      for (int64_t n = begin; n < end; ++n) {
+        gather_patches(s, xptr, n / T, n % T, 1, win, 1, P.data());
+        const scalar_t* g = gptr + n * D;
+        const uint8_t* a = aptr + n * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t gd = static_cast<acc_t>(g[d]);
+          if (gd != acc_t(0)) axpy(dw + d * K, P.data() + a[d] * K, gd, K);
+        }
+      }
+    });
+    dweight = partial.sum(0).view(weight.sizes()).to(weight.scalar_type());
     dbias = grad.sum({0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
   });
   return {dweight, dbias};
@@ -257,43 +248,41 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_in, const at::Tensor& argma
                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const int64_t K = s.K(), k = s.k, win = s.window(), T = s.T(), chunk = images_per_chunk(s);
-    const at::Tensor wmat = weight.detach().reshape({s.D, K}).to(acc_opts).contiguous();
+    const int64_t K = s.K(), k = s.k, win = s.window(), T = s.T(), D = s.D;
+    const at::Tensor wmat = weight.detach().reshape({D, K}).to(acc_opts).contiguous();
+    const acc_t* wptr = wmat.data_ptr<acc_t>();
     at::Tensor dx_acc = at::zeros({s.B, s.C, s.H, s.W}, acc_opts);
-    at::Tensor G = at::empty({std::min(chunk, s.B) * T * win, s.D}, acc_opts);
-    at::Tensor dP = at::empty({std::min(chunk, s.B) * T * win, K}, acc_opts);
     acc_t* dxptr = dx_acc.data_ptr<acc_t>();
-    for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
-      const int64_t nb = std::min(chunk, s.B - b0), rows = nb * T * win;
-      route_grad(s, grad.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(), b0 * T, nb * T, G.data_ptr<acc_t>());
-      at::Tensor dP_rows = dP.narrow(0, 0, rows);
-      at::mm_out(dP_rows, G.narrow(0, 0, rows), wmat);
-      const acc_t* dpptr = dP.data_ptr<acc_t>();
-      // Fold dP back onto the input (col2im), one image per task: an image's patches overlap.
-      at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = b0 + i;
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t ph = t / s.Wp, pw = t % s.Wp;
-            for (int64_t w = 0; w < win; ++w) {
-              const acc_t* row = dpptr + ((i * T + t) * win + w) * K;
-              const int64_t iy0 = (ph * s.pool + w / s.pool) * s.stride - s.pad;
-              const int64_t ix0 = (pw * s.pool + w % s.pool) * s.stride - s.pad;
-              const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k);
-              const int64_t kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
-              for (int64_t c = 0; c < s.C; ++c)
-                for (int64_t kh = 0; kh < k; ++kh) {
-                  const int64_t iy = iy0 + kh;
-                  if (iy < 0 || iy >= s.H) continue;
-                  acc_t* dst = dxptr + ((b * s.C + c) * s.H + iy) * s.W + ix0;
-                  const acc_t* src = row + (c * k + kh) * k;
-                  for (int64_t kw = kw_lo; kw < kw_hi; ++kw) dst[kw] += src[kw];
-                }
-            }
+    const scalar_t* gptr = grad.data_ptr<scalar_t>();
+    const uint8_t* aptr = argmax.data_ptr<uint8_t>();
+    // One image per task: an image's patches overlap, so its pixels take adds from many tokens.
+    at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> dP(win * K);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t n = b * T + t, ph = t / s.Wp, pw = t % s.Wp;
+          std::fill(dP.begin(), dP.end(), acc_t(0));
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t gd = static_cast<acc_t>(gptr[n * D + d]);
+            if (gd != acc_t(0)) axpy(dP.data() + aptr[n * D + d] * K, wptr + d * K, gd, K);
+          }
+          for (int64_t w = 0; w < win; ++w) {  // fold the token's patch gradients back onto the input
+            const acc_t* row = dP.data() + w * K;
+            const int64_t iy0 = (ph * s.pool + w / s.pool) * s.stride - s.pad;
+            const int64_t ix0 = (pw * s.pool + w % s.pool) * s.stride - s.pad;
+            const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k), kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
+            for (int64_t c = 0; c < s.C; ++c)
+              for (int64_t kh = 0; kh < k; ++kh) {
+                const int64_t iy = iy0 + kh;
+                if (iy < 0 || iy >= s.H) continue;
+                acc_t* dst = dxptr + ((b * s.C + c) * s.H + iy) * s.W + ix0;
+                const acc_t* src = row + (c * k + kh) * k;
+                for (int64_t kw = kw_lo; kw < kw_hi; ++kw) dst[kw] += src[kw];
+              }
           }
         }
-      });
-    }
+      }
+    });
     dx = dx_acc.to(x.scalar_type());
   });
   return dx;
