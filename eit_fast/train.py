@@ -75,7 +75,10 @@ class Trainer:
             crop_padding=args.crop_padding, hflip=args.hflip, repeats=args.repeated_aug,
             mixup=MixupConfig(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing),
             randaugment=parse_randaugment(args.randaugment), random_erasing=args.random_erasing)
-        img_size = args.img_size or get_config(args.model).img_size
+        overrides = {k: v for k, v in dict(img_size=args.img_size, drop_rate=args.drop,
+                                           attn_drop_rate=args.attn_drop,
+                                           drop_path_rate=args.drop_path).items() if v is not None}
+        img_size = get_config(args.model, **overrides).img_size  # a bad model setting fails before the data
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,
                         synthetic_size=args.synthetic_size, train_subset=args.train_subset)
@@ -91,9 +94,6 @@ class Trainer:
                 raise DataError(f"--resume {self.ckpt_path}: the data are not those the run was trained on: "
                                 f"{diff}. Resume on the same data, or start a new run.")
 
-        overrides = {k: v for k, v in dict(img_size=args.img_size, drop_rate=args.drop,
-                                           attn_drop_rate=args.attn_drop,
-                                           drop_path_rate=args.drop_path).items() if v is not None}
         self.model = create_model(args.model, impl=args.impl, num_classes=len(self.data.classes),
                                   **overrides).to(self.device)
         self.ema = EMA(self.model, args.ema_decay) if args.ema_decay > 0 else None

@@ -334,3 +334,14 @@ def test_an_image_over_the_pixel_limit_is_named_on_the_dataloader_path(tmp_path,
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # 64x64 is then over twice the limit: an error
     with pytest.raises(DataError, match=f"cannot read image {tmp_path / 'big.png'}: DecompressionBombError"):
         _SeededItems([tmp_path / "big.png"], torch.zeros(1), None)._image(0)
+
+
+def test_the_command_line_modules_print_no_traceback_for_mistakes(tmp_path):
+    for argv, message in [
+        (["eit_fast.train", "--lr", "-0.01"], "error: argument --lr: must be > 0, got -0.01"),
+        (["eit_fast.train", "--img-size", "7", "--output", str(tmp_path / "r")], "error: synthetic data: "),
+        (["eit_fast.train", "--drop", "0.5", "--model", "nope"], "error: "),
+        (["eit_fast.evaluate", "--checkpoint", str(tmp_path), "--data", "synthetic"], "is a directory"),
+    ]:
+        r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)

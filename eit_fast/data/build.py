@@ -121,8 +121,11 @@ def _read_splits(spec: DataSpec, seed: int, cached: bool) -> tuple[_Split, _Spli
     """The train and val splits; ImageFolder trees are decoded now when they will be cached."""
     if spec.data == "synthetic":
         n_val = max(100, int(spec.synthetic_size * SYNTHETIC_VAL_FRACTION))
-        arrays = (make_synthetic(spec.synthetic_size, spec.img_size, seed=seed),
-                  make_synthetic(n_val, spec.img_size, seed=seed + 1_000_003))
+        try:
+            arrays = (make_synthetic(spec.synthetic_size, spec.img_size, seed=seed),
+                      make_synthetic(n_val, spec.img_size, seed=seed + 1_000_003))
+        except ValueError as e:  # a size it cannot draw (e.g. --img-size below 8)
+            raise DataError(f"synthetic data: {e}") from e
     else:
         root = Path(spec.data)
         if not root.exists():
