@@ -131,7 +131,7 @@ def launch_mixer_forward(x, y, w, qkv, proj_w, proj_b, scale, seed, out, o, lse,
         HD ** -0.5 * LOG2E, p_attn, p_conv,
         HAS_ATTN=A > 0, HAS_CONV=C > 0, BLOCK_M=t["FWD_M"], BLOCK_N=t["FWD_N"], BLOCK_D=block_d(HD),
         BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, ATTN_DROPOUT=p_attn > 0, CONV_DROPOUT=p_conv > 0,
-        num_warps=t["WARPS"], **dot_options(dtype))
+        num_warps=t["WARPS"], num_stages=t["FWD_STAGES"], **dot_options(dtype))
     if A:
         M = B * N
         bm = PROJ_BLOCK_M if dtype != torch.float32 else PROJ_BLOCK_M // 2
