@@ -125,7 +125,7 @@ def test_installed_extension_reports_its_build():
 @pytest.mark.slow
 def test_cpu_only_wheel_builds_and_runs(project_copy, tmp_path):
     env = dict(os.environ, EIT_FAST_CPU_ONLY="1", MAX_JOBS="2")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", ".", "-w", "dist"],
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", ".", "-w", "dist"],
                        cwd=project_copy, capture_output=True, text=True, timeout=1800, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "eit_fast._C: building CPU kernels only: EIT_FAST_CPU_ONLY=1 at build time" in r.stdout + r.stderr

@@ -117,6 +117,21 @@ def test_nan_propagates_like_max_pool():
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+def test_non_finite_values_give_the_reference_nan_pattern_in_gradients():
+    # The reference multiplies zero gradients by the input too: 0 * inf = NaN reaches every dW entry that
+    # reads an inf pixel. (Non-finite weights are left out: there even PyTorch's conv kernels disagree on
+    # whether zero padding times inf is NaN.)
+    x, w, b = torch.randn(2, 3, 26, 23, dtype=torch.float64), torch.randn(5, 3, 3, 3, dtype=torch.float64), \
+        torch.randn(5, dtype=torch.float64)
+    x[1, 2, 25, 22] = float("inf")  # in the corner the pool windows cut off
+    x[0, 0, 3, 4] = float("-inf")
+    (ref, out), (gref, gout) = run_both(x, w, b, 1, 4)
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-12, atol=1e-12)
+    assert torch.isnan(gref[1][:, 2, 2, 2]).all()  # read only at a conv position the pool cuts off
+    for got, want in zip(gout, gref):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
 def test_bfloat16_no_worse_than_pytorch_in_bfloat16():
     x, w, b = torch.randn(2, 3, 48, 40), torch.randn(24, 3, 16, 16) * 0.05, torch.randn(24)
     (ref64, _), (gref64, _) = run_both(x.double(), w.double(), b.double(), 4, 3)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -203,6 +204,31 @@ inline void axpy(acc_t* __restrict__ y, const acc_t* __restrict__ x, acc_t a, in
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// The reference multiplies the whole conv-output gradient, zeros included, by the patches, so a non-finite
+// pixel read at a conv position that did not receive the gradient of channel d still makes dW[d] NaN there
+// (0 * inf). The sparse sum above only sees routed positions; mark the others. Costs nothing when x is
+// finite; otherwise a small GEMM over the conv positions that read a non-finite pixel.
+void nonfinite_like_reference(const at::Tensor& dweight, const at::Tensor& grad, const at::Tensor& argmax,
+                              const at::Tensor& x, const PatchShape& s) {
+  const at::Tensor bad = at::isfinite(x).logical_not();
+  if (!bad.any().item<bool>()) return;
+  const int64_t L = s.Hc * s.Wc, K = s.K(), D = s.D;
+  const at::Tensor reads = at::im2col(bad.to(at::kFloat), {s.k, s.k}, {1, 1}, {s.pad, s.pad}, {s.stride, s.stride})
+                               .transpose(1, 2).reshape({s.B * L, K});  // (conv position, offset) reads bad
+  const at::Tensor rows = reads.amax(1).gt(0).nonzero().squeeze(1);
+  const at::Tensor b = rows.div(L, "floor"), pos = rows.remainder(L);
+  const at::Tensor oy = pos.div(s.Wc, "floor"), ox = pos.remainder(s.Wc);
+  const at::Tensor inside = oy.lt(s.Hp * s.pool).logical_and(ox.lt(s.Wp * s.pool));
+  const at::Tensor n = b * s.T() + oy.div(s.pool, "floor").clamp_max(s.Hp - 1) * s.Wp +
+                       ox.div(s.pool, "floor").clamp_max(s.Wp - 1);
+  const at::Tensor w = oy.remainder(s.pool) * s.pool + ox.remainder(s.pool);
+  const at::Tensor routed = inside.unsqueeze(1)
+                                .logical_and(argmax.reshape({-1, D}).index_select(0, n).to(at::kLong).eq(w.unsqueeze(1)))
+                                .logical_and(grad.reshape({-1, D}).index_select(0, n).ne(0));  // (rows, D)
+  const at::Tensor zero_times_bad = routed.logical_not().to(at::kFloat).t().mm(reads.index_select(0, rows));
+  dweight.view({D, K}).masked_fill_(zero_times_bad.gt(0), std::numeric_limits<double>::quiet_NaN());
+}
+
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in, const at::Tensor& argmax_in,
                                                        const at::Tensor& x_in, const at::Tensor& weight,
                                                        int64_t stride, int64_t padding, int64_t pool) {
@@ -236,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in
     dweight = partial.sum(0).view(weight.sizes()).to(weight.scalar_type());
     dbias = grad.sum({0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
   });
+  nonfinite_like_reference(dweight, grad, argmax, x, s);
   return {dweight, dbias};
 }
 

@@ -67,6 +67,9 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_i
                                    dweight.data_ptr<float>(), s, c10::cuda::getCurrentCUDAStream()),
                  "weight-gradient");
   }
+  // The kernel sums over every window position, zero gradients included, so a non-finite input gives NaN as
+  // in the reference (0 * inf); conv positions the pool windows cut off are not summed (the reference's
+  // NaN from those is not reproduced; checking would cost a host sync per backward).
   return {dweight.view(weight.sizes()).to(weight.scalar_type()), dbias};
 }
 
@@ -83,7 +86,7 @@ at::Tensor backward_input_cuda(const at::Tensor& grad_in, const at::Tensor& argm
                                   dx.data_ptr<float>(), s, c10::cuda::getCurrentCUDAStream()),
                  "input-gradient");
   }
-  return dx.to(x.scalar_type());
+  return dx.to(x.scalar_type());  // dense over channels: a non-finite weight gives NaN as in the reference
 }
 
 }  // namespace
