@@ -37,9 +37,9 @@ class FusedPatchEmbed(EITPatchEmbed):
         new.train(ref.training)
         return new
 
-    def forward(self, x):
+    def forward(self, image):
         conv = self.eit_p.conv
-        weight, bias = conv.weight, conv.bias
+        x, weight, bias = image, conv.weight, conv.bias
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # the reference conv would run in the autocast dtype
             dtype = torch.get_autocast_dtype(dev)
@@ -49,8 +49,7 @@ class FusedPatchEmbed(EITPatchEmbed):
         why = _op.unsupported(x)
         if why is not None:
             _warn_fallback(why)
-            with torch.autocast(dev, enabled=False):
-                return super().forward(x.to(weight.dtype) if x.dtype != weight.dtype else x)
+            return super().forward(image)  # exactly the reference, autocast included
         return _op.patch_projection(x, weight, bias, conv.stride[0], conv.padding[0], self.eit_p.pool.kernel_size)
 
 

@@ -30,9 +30,15 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
+# Which device types eit_fast._C registered kernels for; fixed once the library is loaded (and a plain dict
+# lookup keeps the checks below traceable by torch.compile).
+_KERNELS = {dev: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP, dev.upper())
+            for dev in DTYPES}
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether eit_fast._C registered a kernel of the op for this device type ("cpu", "cuda")."""
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP, device_type.upper())
+    return _KERNELS.get(device_type, False)
 
 
 def build_note() -> str:
