@@ -180,6 +180,19 @@ def test_cuda_path_traces_under_fake_tensors():
     assert "eit_fast.patch_projection" in str(g.graph)
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_on_cpu():
+    ref = eit_fast.create_model("eit_cifar").patch_embed
+    stem = FusedPatchEmbed.from_reference(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 32, 32)
+    out = torch.compile(stem, fullgraph=True)(x)
+    out.sum().backward()
+    want = ref(x)
+    want.sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stem.eit_p.conv.weight.grad, ref.eit_p.conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_both_cpu_and_cuda_kernels_are_registered():
     assert op.has_kernel("cpu")
     if not eit_fast._C.with_cuda:
