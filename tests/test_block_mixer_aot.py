@@ -44,9 +44,12 @@ def _capture(dtype_name, worst_only):
             C = 50
         A = H * hd
         D = C + A
-        x = torch.randn(B, N, D)
-        y = torch.randn(B, N, D)[..., :C] if C else None
-        w = torch.randn(C, 1, 3, 3) if C else None
+        # The residual stream and LayerNorm output are fp32 under autocast; a model cast to fp16/bf16 as a
+        # whole passes them in its dtype: two of the shapes cover that.
+        xdt = dtype if hd in (0, 20) else torch.float32
+        x = torch.randn(B, N, D, dtype=xdt)
+        y = torch.randn(B, N, D, dtype=xdt)[..., :C] if C else None
+        w = torch.randn(C, 1, 3, 3, dtype=xdt) if C else None
         qkv = torch.randn(B, N, 3 * A, dtype=dtype) if A else None
         pw, pb = (torch.randn(A, A, dtype=dtype), torch.randn(A)) if A else (None, None)
         o = torch.empty(B, N, A, dtype=dtype)
@@ -55,11 +58,11 @@ def _capture(dtype_name, worst_only):
         for ps in rates:
             mixer.launch_mixer_forward(x, y, w, qkv, pw, pb, torch.ones(B), seed, torch.empty_like(x), o, lse,
                                        grid, max(H, 1), *ps, wrap=Rec)
-            g = torch.randn(B, N, D)
+            g = torch.randn(B, N, D, dtype=xdt)
             gz = torch.empty_like(g)
             mixer.launch_mixer_grad(g, torch.ones(B), seed, gz, C, ps[1], ps[2], wrap=Rec)
             if C:
-                dwconv.launch_conv_backward(gz[..., :C], y, w, torch.empty(B, N, C), grid, wrap=Rec)
+                dwconv.launch_conv_backward(gz[..., :C], y, w, torch.empty(B, N, C, dtype=xdt), grid, wrap=Rec)
             if A:
                 attention.launch_attention_backward(qkv, o, torch.randn(B, N, A, dtype=dtype), lse, seed,
                                                     torch.empty_like(qkv), H, ps[0], wrap=Rec)
