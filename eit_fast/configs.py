@@ -20,6 +20,8 @@ class UnknownOptionError(ConfigError, TypeError):
 
 
 GLOBAL_POOLS = ("token", "avg", "")
+INITS = ("authors", "timm", "torch")
+ATTN_INITS = ("default", "impulse")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,21 @@ class EITConfig:
     global_pool: str = "token"
     # True: any input size at run time (a learned positional embedding is interpolated, as timm does).
     dynamic_img_size: bool = False
+    # --- options beyond the paper (DESIGN.md 1.6; the defaults are the paper's model) ---
+    # CLS tokens through every block; with global_pool="token" the head reads their concatenation (n*D).
+    num_cls_tokens: int = 1
+    # Rank of a low-rank q / k / v projection (Linear(a, r, bias=False) then Linear(r, a)); None: full rank.
+    # A layer whose attention width a <= r keeps its full projection (a factorisation would not lower its rank).
+    q_rank: Optional[int] = None
+    k_rank: Optional[int] = None
+    v_rank: Optional[int] = None
+    # Weight init: "authors" (their code: Linear trunc-normal 0.01, conv kaiming fan_out ignoring groups),
+    # "timm" (Linear trunc-normal 0.02, conv normal with fan_out = k*k*out/groups), "torch" (module defaults).
+    init: str = "authors"
+    # "impulse": q and k rows of every qkv fitted so each head attends to a random shift in an
+    # impulse_window x impulse_window neighbourhood (eit_fast.models.impulse); "default": the `init` rule.
+    attn_init: str = "default"
+    impulse_window: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "img_size", _image_size(self.img_size))
@@ -65,6 +82,7 @@ class EITConfig:
             raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
         if not isinstance(self.dynamic_img_size, bool):
             raise ConfigError(f"dynamic_img_size must be True or False, got {self.dynamic_img_size!r}")
+        self._check_options()
         if self.stem not in ("eit", "patch"):
             raise ConfigError(f"stem must be 'eit' or 'patch', got {self.stem!r}")
         for name in ("patch_kernel", "patch_stride", "pool", "patch_size"):
@@ -94,6 +112,29 @@ class EITConfig:
             if min(conv) < self.pool:
                 raise ConfigError(f"pool={self.pool} is larger than the {conv[0]}x{conv[1]} conv output at "
                                   f"img_size={self.img_size}")
+
+    def _check_options(self):
+        if not _is_int(self.num_cls_tokens) or self.num_cls_tokens < 1:
+            raise ConfigError(f"num_cls_tokens must be a positive integer, got {self.num_cls_tokens!r}")
+        for name in ("q_rank", "k_rank", "v_rank"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(f"{name} must be None (full rank) or a positive integer, got {value!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.attn_init not in ATTN_INITS:
+            raise ConfigError(f"attn_init must be one of {ATTN_INITS}, got {self.attn_init!r}")
+        if not _is_int(self.impulse_window) or self.impulse_window < 1 or self.impulse_window % 2 == 0:
+            raise ConfigError(f"impulse_window must be a positive odd integer, got {self.impulse_window!r}")
+        if self.attn_init == "impulse" and (self.q_rank is not None or self.k_rank is not None):
+            raise ConfigError("attn_init='impulse' writes full-rank q and k weights; it cannot be combined with "
+                              "q_rank or k_rank (v_rank is fine)")
+
+    def rank(self, part: str, layer: int) -> Optional[int]:
+        """The rank of projection `part` ("q", "k" or "v") in block `layer`, or None when it is full."""
+        r = getattr(self, f"{part}_rank")
+        a = self.split(layer)[0]
+        return r if r is not None and r < a else None
 
     # --- token arithmetic -------------------------------------------------------------------------------
     @property
@@ -143,8 +184,13 @@ class EITConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Sequence length seen by attention: the patch tokens plus the CLS token."""
-        return self.num_patches + 1
+        """Sequence length seen by attention: the patch tokens plus the CLS token(s)."""
+        return self.num_patches + self.num_cls_tokens
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of what global pooling gives the head: the concatenated CLS tokens for "token", else D."""
+        return self.embed_dim * self.num_cls_tokens if self.global_pool == "token" else self.embed_dim
 
     @property
     def mlp_hidden(self) -> int:

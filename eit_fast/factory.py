@@ -11,7 +11,17 @@ from .checkpoint import load_checkpoint
 from .configs import get_config, pretrained_cfg
 from .models import EIT
 from .patching import patch
-from .runtime import record_selection, resolve_impl
+from .runtime import ImplError, provider, record_selection, resolve_impl
+
+
+def _unguarded(model: EIT) -> dict[str, str]:
+    """Paths the model says cannot compute it (model.fused_unsupported()) whose provider would still apply."""
+    out = {}
+    for path, why in model.fused_unsupported().items():
+        mod = provider(path)
+        if mod is not None and mod.applies_to(model) is None:
+            out[path] = why
+    return out
 
 
 def build_model(name: str, impl: str | None = None, device=None, dtype: Optional[torch.dtype] = None,
@@ -21,9 +31,17 @@ def build_model(name: str, impl: str | None = None, device=None, dtype: Optional
     requested = resolve_impl(impl)
     model = EIT(cfg, device=device, dtype=dtype)
     model.pretrained_cfg = pretrained_cfg(cfg, name)
+    unguarded = _unguarded(model) if requested != "reference" else {}
     if requested == "reference":
         record_selection(model=name, requested=requested, chosen="reference", fused=[],
                          reason="reference: as requested")
+    elif unguarded:
+        # A fused path would take this model but cannot compute its options: the whole model stays reference.
+        why = "; ".join(f"the fused {p} does not support {r}" for p, r in unguarded.items())
+        if requested == "fused":
+            raise ImplError(f"impl='fused' was requested but {why}. Use impl='reference' or impl='auto'.")
+        record_selection(model=name, requested=requested, chosen="reference", fused=[],
+                         reason=f"{requested}: reference, since {why}")
     else:
         patch(model, strict=requested == "fused", model_name=name, requested=requested)
     return model

@@ -15,7 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..configs import EITConfig, pretrained_cfg
+from ..configs import ConfigError, EITConfig, pretrained_cfg
+from .impulse import impulse_qk
+from .init import init_module
 
 
 class InputError(ValueError):
@@ -66,16 +68,49 @@ class ViTPatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class LowRank(nn.Module):
+    """A low-rank projection: Linear(dim, rank, bias=False) then Linear(rank, dim) (DESIGN.md 1.6)."""
+
+    def __init__(self, dim: int, rank: int, *, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, dim, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class SplitQKV(nn.Module):
+    """qkv as three projections q, k, v (each a full Linear or a LowRank), outputs concatenated as the fused
+    Linear(dim, 3 dim) gives them. Used only when a rank is set: the full-rank model keeps the authors' qkv."""
+
+    def __init__(self, dim: int, ranks: tuple[Optional[int], Optional[int], Optional[int]], *, device=None,
+                 dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.q, self.k, self.v = (nn.Linear(dim, dim, **dd) if r is None else LowRank(dim, r, **dd) for r in ranks)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens (CLS included) on `dim` channels."""
+    """Multi-head self-attention over all tokens (CLS included) on `dim` channels.
+
+    ranks: (q, k, v) ranks of low-rank projections, None for full rank (all None: the authors' fused qkv).
+    """
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, *,
+                 ranks: tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None),
                  device=None, dtype=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=True, device=device, dtype=dtype)
+        if all(r is None for r in ranks):
+            self.qkv = nn.Linear(dim, dim * 3, bias=True, device=device, dtype=dtype)
+        else:
+            self.qkv = SplitQKV(dim, ranks, device=device, dtype=dtype)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=True, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -89,19 +124,45 @@ class Attention(nn.Module):
         x = (attn @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
+    @torch.jit.ignore
+    def attention_map(self, x):
+        """softmax(q k^T * scale), (B, heads, N, N): forward's attention probabilities before dropout."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+
+    @torch.jit.ignore
+    def set_qk(self, wq: torch.Tensor, wk: torch.Tensor):
+        """Write (dim, dim) q and k weights (full-rank q and k only) and zero their biases."""
+        dim = self.head_dim * self.num_heads
+        if isinstance(self.qkv, SplitQKV):
+            if not (isinstance(self.qkv.q, nn.Linear) and isinstance(self.qkv.k, nn.Linear)):
+                raise ConfigError("set_qk needs full-rank q and k projections")
+            targets = [(self.qkv.q.weight, self.qkv.q.bias, wq), (self.qkv.k.weight, self.qkv.k.bias, wk)]
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            targets = [(w[:dim], b[:dim], wq), (w[dim:2 * dim], b[dim:2 * dim], wk)]
+        with torch.no_grad():
+            for weight, bias, src in targets:
+                weight.copy_(src.to(device=weight.device, dtype=weight.dtype))
+                bias.zero_()
+
 
 class ConvBranch(nn.Module):
-    """EIT-T's depthwise 3x3 conv over the patch-token grid; the CLS token's channels pass unchanged."""
+    """EIT-T's depthwise 3x3 conv over the patch-token grid; the CLS tokens' channels pass unchanged."""
 
-    def __init__(self, channels: int, drop: float = 0.0, *, device=None, dtype=None):
+    def __init__(self, channels: int, drop: float = 0.0, num_prefix_tokens: int = 1, *, device=None, dtype=None):
         super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False,
                                device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, grid: tuple[int, int]):
         B, N, C = x.shape
-        cls, patches = x[:, :1], x[:, 1:]
+        n = self.num_prefix_tokens
+        cls, patches = x[:, :n], x[:, n:]
         patches = patches.transpose(1, 2).reshape(B, C, grid[0], grid[1])
         patches = self.drop(self.conv1(patches)).flatten(2).transpose(1, 2)
         return torch.cat([cls, patches], dim=1)
@@ -150,9 +211,11 @@ class Block(nn.Module):
         self.attn_dim, self.conv_dim = cfg.split(layer)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
         if self.attn_dim:
-            self.attn = Attention(self.attn_dim, cfg.num_heads, cfg.attn_drop_rate, cfg.drop_rate, **dd)
+            ranks = (cfg.rank("q", layer), cfg.rank("k", layer), cfg.rank("v", layer))
+            self.attn = Attention(self.attn_dim, cfg.num_heads, cfg.attn_drop_rate, cfg.drop_rate, ranks=ranks,
+                                  **dd)
         if self.conv_dim:
-            self.eit_t = ConvBranch(self.conv_dim, cfg.attn_drop_rate, **dd)
+            self.eit_t = ConvBranch(self.conv_dim, cfg.attn_drop_rate, cfg.num_cls_tokens, **dd)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate, **dd)
@@ -168,7 +231,7 @@ class Block(nn.Module):
         return torch.cat([self.eit_t(y[..., :c], grid), self.attn(y[..., c:])], dim=-1)
 
     def forward(self, x, grid: tuple[int, int]):
-        """x: (B, 1 + Hp*Wp, D) with the CLS token first; grid: (Hp, Wp) of the patch tokens."""
+        """x: (B, n + Hp*Wp, D) with the n CLS tokens first; grid: (Hp, Wp) of the patch tokens."""
         x = x + self.drop_path(self.mix(self.norm1(x), grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -185,12 +248,13 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_g
     return torch.cat([prefix, rows], dim=1)
 
 
-def _grid_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], built: tuple[int, int]) -> torch.Tensor:
+def _grid_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], built: tuple[int, int],
+                    num_prefix_tokens: int = 1) -> torch.Tensor:
     # Skip the resize at the built size, except while exporting: comparing symbolic sizes would pin them.
     if torch.jit.is_scripting() or not torch.compiler.is_compiling():
         if grid[0] == built[0] and grid[1] == built[1]:
             return pos_embed
-    return resample_pos_embed(pos_embed, grid, built)
+    return resample_pos_embed(pos_embed, grid, built, num_prefix_tokens)
 
 
 torch.fx.wrap("_grid_pos_embed")  # FX: a leaf call, since it branches on the run-time grid
@@ -219,8 +283,8 @@ class EIT(nn.Module):
         self.global_pool = cfg.global_pool
         self.in_chans = cfg.in_chans
         self.embed_dim = self.num_features = D
-        self.head_hidden_size = cfg.pre_logits or D
-        self.num_prefix_tokens = 1
+        self.head_hidden_size = cfg.pre_logits or cfg.pooled_dim  # what forward_head(pre_logits=True) gives
+        self.num_prefix_tokens = cfg.num_cls_tokens
         self.has_class_token = True
         self.img_size = cfg.img_hw
         self.grid_size = cfg.grid_hw
@@ -231,14 +295,15 @@ class EIT(nn.Module):
         self.pretrained_cfg = pretrained_cfg(cfg)
 
         self.patch_embed = EITPatchEmbed(cfg, **dd) if cfg.stem == "eit" else ViTPatchEmbed(cfg, **dd)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D, **dd))
+        self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls_tokens, D, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D, **dd)) if cfg.pos_embed else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as DeiT
         self.blocks = nn.ModuleList(Block(cfg, i, rates[i], **dd) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6, **dd)
         if cfg.pre_logits:
-            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(D, cfg.pre_logits, **dd), act=nn.Tanh()))
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(cfg.pooled_dim, cfg.pre_logits, **dd),
+                                                        act=nn.Tanh()))
         else:
             self.pre_logits = nn.Identity()
         self.head = self._new_head(cfg.num_classes, **dd)
@@ -248,12 +313,41 @@ class EIT(nn.Module):
         return nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes \
             else nn.Identity()
 
-    # --- init (the authors') -----------------------------------------------------------------------------
+    # --- init (cfg.init: eit_fast.models.init; cfg.attn_init: eit_fast.models.impulse) ------------------
     def init_weights(self):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_module)
+        init_module(self, self.cfg.init)
+        if self.cfg.attn_init == "impulse" and not self.cls_token.is_meta:
+            self.impulse_shifts = self._impulse_init()
+
+    @torch.jit.ignore
+    def _impulse_init(self) -> list[list[tuple[int, int]]]:
+        """Fit every attention layer's q and k to impulse targets on the built grid; the shifts per layer."""
+        shifts = []
+        for blk in self.blocks:
+            if not blk.attn_dim:
+                shifts.append([])
+                continue
+            wq, wk, s = impulse_qk(self.grid_size, blk.attn_dim, blk.attn.num_heads, self.cfg.impulse_window)
+            blk.attn.set_qk(wq, wk)
+            shifts.append(s)
+        return shifts
+
+    @torch.jit.ignore
+    def fused_unsupported(self) -> dict[str, str]:
+        """{fast path name: why it cannot compute this model} for the options the fused paths lack."""
+        cfg = self.cfg
+        why = []
+        if cfg.num_cls_tokens != 1:
+            why.append(f"num_cls_tokens={cfg.num_cls_tokens} (the fused mixer passes exactly one CLS token "
+                       f"around the conv branch)")
+        low = [f"{p}_rank={getattr(cfg, p + '_rank')}" for p in "qkv"
+               if any(cfg.rank(p, i) is not None for i in range(cfg.depth))]
+        if low:
+            why.append(f"low-rank projections {', '.join(low)} (the fused mixer reads one fused qkv weight)")
+        return {"block_mixer": "; ".join(why)} if why else {}
 
     # --- forward ---------------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor):
@@ -281,7 +375,7 @@ class EIT(nn.Module):
         if self.pos_embed is not None:
             pos = self.pos_embed
             if self.dynamic_img_size:
-                pos = _grid_pos_embed(pos, grid, self.grid_size)
+                pos = _grid_pos_embed(pos, grid, self.grid_size, self.num_prefix_tokens)
             x = x + pos
         return self.pos_drop(x)
 
@@ -301,8 +395,8 @@ class EIT(nn.Module):
     def forward_head(self, x, pre_logits: bool = False):
         if self.global_pool == "avg":
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        elif self.global_pool == "token":
-            x = x[:, 0]
+        elif self.global_pool == "token":  # the CLS tokens, concatenated
+            x = x[:, :self.num_prefix_tokens].flatten(1)
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
@@ -336,9 +430,13 @@ class EIT(nn.Module):
         changes = {"num_classes": num_classes} if global_pool is None else \
             {"num_classes": num_classes, "global_pool": global_pool}
         cfg = self.cfg.replace(**changes)  # validates: a bad value raises ConfigError
+        if cfg.pre_logits and cfg.pooled_dim != self.cfg.pooled_dim:
+            raise ConfigError(f"global_pool={cfg.global_pool!r} changes the pooled width from "
+                              f"{self.cfg.pooled_dim} to {cfg.pooled_dim}, which the pre_logits layer cannot take")
         ref = self.cls_token
+        self.head_hidden_size = cfg.pre_logits or cfg.pooled_dim
         self.head = self._new_head(num_classes, device=ref.device, dtype=ref.dtype)
-        self.head.apply(_init_module)
+        init_module(self.head, cfg.init)
         self.head.train(self.training)
         self.cfg, self.num_classes, self.global_pool = cfg, cfg.num_classes, cfg.global_pool
 
@@ -424,16 +522,3 @@ def take_indices(num_blocks: int, indices: Optional[Union[int, list[int]]]) -> t
                 raise ValueError(f"feature index {idx} is out of range (0 to {num_blocks - 1})")
             take.append(idx)
     return take, max(take)
-
-def _init_module(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.01)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

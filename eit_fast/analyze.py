@@ -1,0 +1,127 @@
+"""`python -m eit_fast.analyze SOURCE [SOURCE ...] --data DATA --output DIR`: attention distance, head
+diversity and high-frequency share (eit_fast.analysis, our reconstructions of the EIT paper's analyses) of
+each model, written as DIR/analysis.json and one side-by-side plot DIR/analysis.png.
+
+A SOURCE is a checkpoint or .safetensors export written by eit_fast.train (rebuilt from its recorded config,
+as `eit_fast.evaluate` does; `--model NAME` for files that carry none) or a named config (freshly
+initialised: what the measures look like at init). `--label` names them in the plot and the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def load_source(source: str, model_name: str | None, use_ema: bool, overrides: dict):
+    """(model, training seed or None) for a checkpoint path or a named config."""
+    from .configs import CONFIGS, ConfigError, get_config
+    from .evaluate import load_model_for_eval
+    from .models import EIT
+
+    if os.path.exists(source):
+        model, run_args, _ = load_model_for_eval(source, model_name, use_ema)
+        return model, run_args.get("seed")
+    if source in CONFIGS:
+        return EIT(get_config(source, **overrides)), None
+    raise ConfigError(f"{source!r} is neither a file nor a named config ({', '.join(sorted(CONFIGS))})")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE pairs, values read as JSON (2, null, "timm") with a bare word taken as a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv=None) -> int:
+    from .analysis import analyze, plot
+    from .checkpoint import CheckpointError
+    from .configs import ConfigError
+    from .data.arrays import DataError
+    from .data.build import DataSpec, build_data
+    from .settings import resolve_device
+
+    parser = argparse.ArgumentParser(prog="python -m eit_fast.analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="checkpoint / .safetensors path, or a "
+                                                                      "named config")
+    parser.add_argument("--data", default="synthetic", help="'synthetic', a CIFAR python folder, or a folder "
+                                                            "with train/ and val/ (or test/) ImageFolder trees")
+    parser.add_argument("--output", required=True, help="folder for analysis.json and analysis.png")
+    parser.add_argument("--label", action="append", default=[], help="a plot label per SOURCE, in order")
+    parser.add_argument("--model", help="named config for files that do not carry their config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an EITConfig override for every named-config source, e.g. --set num_cls_tokens=2 "
+                             "(checkpoints rebuild the model they record)")
+    parser.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
+    parser.add_argument("--images", type=int, default=256, help="validation images to analyse (default 256)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cutoff", type=float, default=0.25,
+                        help="radial frequency, in cycles per token, above which energy counts as high")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, help="'synthetic' only: the data seed (default: the "
+                                                 "checkpoint's training seed, else 0)")
+    args = parser.parse_args(argv)
+    labels = args.label or [Path(s).stem if os.path.exists(s) else s for s in args.sources]
+    try:
+        if len(labels) != len(args.sources):
+            raise ValueError(f"{len(labels)} --label for {len(args.sources)} sources")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must differ, got {labels} (name them with --label)")
+        if args.images < 1 or args.batch_size < 1:
+            raise ValueError("--images and --batch-size must be at least 1")
+        overrides = parse_overrides(args.set)
+        device = resolve_device(args.device)
+        results = {}
+        for source, label in zip(args.sources, labels):
+            model, train_seed = load_source(source, args.model, args.ema, overrides)
+            cfg = model.cfg
+            if not isinstance(cfg.img_size, int):
+                raise ConfigError(f"{source}: the data readers take square images, the model is {cfg.img_size}")
+            seed = args.seed if args.seed is not None else (train_seed or 0)
+            # synthetic: a set whose validation split holds just the images analysed
+            spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size, workers=0,
+                            synthetic_size=4 * args.images)
+            data = build_data(spec, device=device, seed=seed, train=False)
+            model = model.to(device)
+
+            def batches():
+                left = args.images
+                for batch in data.val.batches(0):
+                    if left <= 0:
+                        return
+                    yield batch.images[:left]
+                    left -= len(batch.images)
+
+            r = analyze(model, batches(), cutoff=args.cutoff)
+            r.update(source=source, data=data.description, config=cfg.to_dict())
+            results[label] = r
+            layers = ", ".join(f"{e['mean_distance_px']:.1f}" if "mean_distance_px" in e else "-"
+                               for e in r["layers"])
+            print(f"{label}: {r['images']} images; mean attention distance per layer (px): {layers}")
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "analysis.json", "w") as f:
+            json.dump(results, f, indent=1)
+        plot(results, out / "analysis.png")
+    except (CheckpointError, ConfigError, DataError, ValueError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
