@@ -24,7 +24,8 @@ def summarize(name: str) -> str:
         f"  params            {params:,}",
         f"  image             {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {cfg.num_classes} classes",
         f"  stem              {stem}",
-        f"  tokens            {cfg.num_tokens} ({cfg.num_patches} patches + CLS)",
+        f"  tokens            {cfg.num_tokens} ({cfg.num_patches} patches + "
+        f"{'CLS' if cfg.num_cls_tokens == 1 else f'{cfg.num_cls_tokens} CLS'})",
         f"  width/depth/heads {cfg.embed_dim} / {cfg.depth} / {cfg.num_heads}",
         "  per-layer (attention, conv) channels and head size:",
     ]

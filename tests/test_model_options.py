@@ -49,6 +49,15 @@ def test_init_options_keep_parameter_count_and_names(kw):
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in base.items()}
 
 
+def test_low_rank_macs_formula():
+    base = eit_fast.get_config("eit_micro")
+    low = base.replace(q_rank=32, v_rank=16)
+    N = base.num_tokens
+    want = sum(N * (2 * a * r - a * a) for a, _ in base.splits for r in (32, 16) if r < a)
+    b, m = eit_fast.count_macs(base), eit_fast.count_macs(low)
+    assert (m.authors - b.authors, m.attn_matmul) == (want, b.attn_matmul)
+
+
 def test_low_rank_parameter_names_and_full_layers():
     model = create_model("eit_micro", q_rank=32)  # widths 24, 48, 72, 96: block 0 keeps its full qkv
     sd = model.state_dict()
