@@ -1,4 +1,5 @@
-"""The README's two commands stay true: CI runs the test command verbatim; the main job is a real module."""
+"""The README's two commands stay true (CI runs the test command verbatim; the main job is a real module), and
+so does its figure for the default run."""
 import re
 import subprocess
 import sys
