@@ -284,3 +284,15 @@ def test_torch_init_statistics():
 def test_bad_options_are_refused(kw, word):
     with pytest.raises(ConfigError, match=word):
         create_model("eit_micro", **kw)
+
+
+def test_timm_create_model_carries_the_options():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("eit_micro", num_cls_tokens=2, q_rank=16, init="timm").eval()
+    assert (model.cfg.num_cls_tokens, model.cfg.q_rank, model.cfg.init) == (2, 16, "timm")
+    assert (model.num_prefix_tokens, model.num_features, model.head_hidden_size) == (2, 96, 192)
+    x = torch.randn(2, 3, 32, 32)
+    feats = timm.create_model("eit_micro", num_cls_tokens=2, features_only=True, out_indices=(1, 3))(x)
+    assert [f.shape for f in feats] == [(2, 96, 8, 8)] * 2
+    pooled = timm.create_model("eit_micro", num_cls_tokens=2, num_classes=0)(x)
+    assert pooled.shape == (2, 192)
