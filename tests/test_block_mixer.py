@@ -68,6 +68,10 @@ def test_swap_keeps_parameters_and_state_dict():
     assert fused_block.applies_to(torch.nn.Linear(2, 2)) == "the model has no EIT/ViT blocks"
     wide = create_model("vit_cifar", impl="reference", embed_dim=260, num_heads=2)
     assert fused_block.applies_to(wide) == "head size 130 is over the fused kernels' maximum 64"
+    two_cls = create_model("eit_micro", impl="reference", num_cls_tokens=2)
+    assert "exactly one CLS token" in fused_block.applies_to(two_cls)
+    two_cls.fused_unsupported = lambda: {}  # the blocks themselves are checked too
+    assert fused_block.applies_to(two_cls).startswith("several CLS tokens")
 
 
 @pytest.mark.parametrize("cfg_name,layer,grid", [("eit_micro", 0, (8, 8)), ("eit_micro", 3, (8, 8)),

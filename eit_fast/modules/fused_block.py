@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
 from ..models.eit import Block
 from ..ops import block_mixer as _op
@@ -40,7 +40,7 @@ class FusedBlock(Block):
         B = x.shape[0]
         y = self.norm1(x)
         c, a = self.conv_dim, self.attn_dim
-        qkv = F.linear(y[..., c:], self.attn.qkv.weight, self.attn.qkv.bias) if a else None
+        qkv = self.attn.qkv(y[..., c:]) if a else None
         if self.training and self.drop_path.p > 0:  # the reference DropPath's draw, per sample
             keep = 1.0 - self.drop_path.p
             scale = x.new_empty((B, 1, 1), dtype=torch.float32).bernoulli_(keep).div_(keep).reshape(B)
@@ -83,6 +83,15 @@ def applies_to(model) -> str | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not any(isinstance(b, Block) for b in blocks):
         return "the model has no EIT/ViT blocks"
+    unsupported = getattr(model, "fused_unsupported", None)
+    why = unsupported().get("block_mixer") if callable(unsupported) else None
+    if why:
+        return why
+    for b in blocks:
+        if isinstance(b, Block) and b.conv_dim and getattr(b.eit_t, "num_prefix_tokens", 1) != 1:
+            return "several CLS tokens (the fused mixer passes exactly one CLS token around the conv branch)"
+        if isinstance(b, Block) and b.attn_dim and type(b.attn.qkv) is not nn.Linear:
+            return "low-rank q/k/v projections (the fused mixer reads one fused qkv weight)"
     big = [b.attn.head_dim for b in blocks if isinstance(b, Block) and b.attn_dim
            and b.attn.head_dim > _op.MAX_HEAD_DIM]
     if big:
