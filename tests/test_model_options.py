@@ -170,11 +170,22 @@ def test_fused_unsupported_lists_options():
     assert create_model("eit_micro", q_rank=96).fused_unsupported() == {}
 
 
-def test_auto_takes_reference_and_fused_refuses_for_unsupported_options():
+def test_auto_leaves_the_block_mixer_out_for_unsupported_options():
     model = create_model("eit_micro", num_cls_tokens=2, impl="auto")
-    assert model.impl == "reference"
     sel = eit_fast.info()["last_selection"]
-    assert sel["chosen"] == "reference" and "num_cls_tokens=2" in sel["reason"], sel
+    assert "block_mixer" not in sel["fused"] and "num_cls_tokens=2" in sel["reason"], sel
+    assert all(type(b).__name__ == "Block" for b in model.blocks)
+
+
+def test_factory_guards_a_provider_that_would_take_unsupported_options(monkeypatch):
+    """A block_mixer provider whose applies_to does not ask model.fused_unsupported(): auto keeps the whole
+    model reference and says why, fused refuses."""
+    from eit_fast.modules import fused_block
+    monkeypatch.setattr(fused_block, "applies_to", lambda model: None)
+    model = create_model("eit_micro", num_cls_tokens=2, impl="auto")
+    sel = eit_fast.info()["last_selection"]
+    assert model.impl == "reference" and sel["fused"] == [] and "num_cls_tokens=2" in sel["reason"], sel
+    assert all(type(b).__name__ == "Block" for b in model.blocks)
     with pytest.raises(ImplError, match="q_rank=8"):
         create_model("eit_micro", q_rank=8, impl="fused")
 
