@@ -35,8 +35,8 @@ from .factory import create_model
 from .optim import make_optimizer, make_scheduler
 from .run_folder import RunFolder, list_checkpoints  # noqa: F401  (list_checkpoints: part of this module's API)
 from .runtime import ImplError
-from .train_args import RECIPES, RESUME_OVERRIDABLE, build_parser, check_args, default_output, parse_args, \
-    parse_randaugment  # noqa: F401  (RECIPES, build_parser: part of this module's API)
+from .train_args import RECIPES, RESUME_OVERRIDABLE, build_parser, check_args, default_output, model_overrides, \
+    parse_args, parse_randaugment  # noqa: F401  (RECIPES, build_parser: part of this module's API)
 
 class TrainError(RuntimeError):
     """Training cannot go on (non-finite loss or weights)."""
@@ -75,9 +75,7 @@ class Trainer:
             crop_padding=args.crop_padding, hflip=args.hflip, repeats=args.repeated_aug,
             mixup=MixupConfig(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing),
             randaugment=parse_randaugment(args.randaugment), random_erasing=args.random_erasing)
-        overrides = {k: v for k, v in dict(img_size=args.img_size, drop_rate=args.drop,
-                                           attn_drop_rate=args.attn_drop,
-                                           drop_path_rate=args.drop_path).items() if v is not None}
+        overrides = model_overrides(args)
         img_size = get_config(args.model, **overrides).img_size  # a bad model setting fails before the data
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,

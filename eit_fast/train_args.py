@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop", type=float, help="dropout rate (default: the model config's)")
     g.add_argument("--attn-drop", type=float, help="attention dropout rate (default: the model config's)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the model config's)")
+    g.add_argument("--init", choices=["authors", "timm", "torch"],
+                   help="weight init (default: the model config's, the authors' for the paper configs)")
+    g.add_argument("--attn-init", choices=["default", "impulse"],
+                   help="impulse: structured attention init (closed-form fit of a shift per head)")
+    g.add_argument("--impulse-window", type=int, help="window of the impulse init's shifts (odd, default 3)")
+    g.add_argument("--num-cls-tokens", type=int, help="CLS tokens through every block (default 1)")
+    g.add_argument("--q-rank", type=int, help="low-rank query projection of this rank (default: full)")
+    g.add_argument("--k-rank", type=int, help="low-rank key projection of this rank (default: full)")
+    g.add_argument("--v-rank", type=int, help="low-rank value projection of this rank (default: full)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
@@ -155,6 +164,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
 # Every numeric flag's valid values (floats must also be finite).
 RANGES = {
     "seed": SEED, "img_size": POSITIVE, "drop": RATE, "attn_drop": RATE, "drop_path": RATE,
+    "impulse_window": POSITIVE, "num_cls_tokens": POSITIVE, "q_rank": POSITIVE, "k_rank": POSITIVE,
+    "v_rank": POSITIVE,
     "synthetic_size": POSITIVE, "train_subset": POSITIVE, "workers": NON_NEGATIVE,
     "epochs": POSITIVE, "batch_size": POSITIVE, "eval_batch_size": POSITIVE, "accum_steps": POSITIVE,
     "lr": Range(0, lo_open=True), "lr_scale_batch": POSITIVE, "warmup_epochs": NON_NEGATIVE,
@@ -174,6 +185,17 @@ def check_args(args: argparse.Namespace):
         if getattr(args, dest) > args.lr:
             raise ConfigError(f"argument {flag(dest)}: must be at most --lr ({args.lr:g}), got {getattr(args, dest):g}")
     parse_randaugment(args.randaugment)
+
+
+# Model flags -> EITConfig fields; a flag left out keeps the named config's value.
+MODEL_FLAGS = {"img_size": "img_size", "drop": "drop_rate", "attn_drop": "attn_drop_rate",
+               "drop_path": "drop_path_rate", "init": "init", "attn_init": "attn_init",
+               "impulse_window": "impulse_window", "num_cls_tokens": "num_cls_tokens", "q_rank": "q_rank",
+               "k_rank": "k_rank", "v_rank": "v_rank"}
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    return {field: getattr(args, dest) for dest, field in MODEL_FLAGS.items() if getattr(args, dest) is not None}
 
 
 def parse_randaugment(spec: str | None) -> tuple[int, int] | None:

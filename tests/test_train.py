@@ -106,6 +106,32 @@ def test_evaluate_cli_reproduces_the_final_validation(tmp_path, capsys):
     assert "data folder not found" in capsys.readouterr().err
 
 
+def test_model_option_flags_reach_the_model_and_its_exports(tmp_path, capsys):
+    """--init/--num-cls-tokens/--q-rank/... build that model; evaluate rebuilds it from the export."""
+    from eit_fast import evaluate
+    out = tmp_path / "run"
+    assert run(out, "--epochs", "1", "--init", "timm", "--num-cls-tokens", "2", "--q-rank", "8",
+               "--v-rank", "16", "--impl", "reference") == 0
+    cfg = read_file(out / "checkpoint-00000008.pt")["config"]["model_config"]
+    assert (cfg["init"], cfg["num_cls_tokens"], cfg["q_rank"], cfg["k_rank"], cfg["v_rank"]) == \
+        ("timm", 2, 8, None, 16)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(out / "final.safetensors"), "--data", "synthetic",
+                          "--device", "cpu"]) == 0
+    assert f"top-1 {metrics(out)[-1]['val_top1']:.2f}%" in capsys.readouterr().out
+    assert run(tmp_path / "imp", "--epochs", "1", "--attn-init", "impulse", "--impulse-window", "5") == 0
+    cfg = read_file(tmp_path / "imp" / "checkpoint-00000008.pt")["config"]["model_config"]
+    assert (cfg["attn_init"], cfg["impulse_window"]) == ("impulse", 5)
+    for bad in (["--num-cls-tokens", "0"], ["--q-rank", "-1"], ["--init", "xavier"]):
+        try:
+            code = run(tmp_path / "bad", *bad)
+        except SystemExit as e:  # argparse's own choice check exits
+            code = e.code
+        assert code == 2
+        assert f"argument {bad[0]}" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
 def test_resume_refuses_changed_settings_and_reused_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--stop-after", "3") == 0
