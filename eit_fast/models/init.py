@@ -18,33 +18,33 @@ import math
 import torch.nn as nn
 
 
-def _authors(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.01)
-        if m.bias is not None:
+def _rule(linear_std: float, conv_init):
+    """Linear trunc-normal(linear_std), conv by conv_init, biases 0, LayerNorm 1/0."""
+    def init(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=linear_std)
+            else:
+                conv_init(m)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    return init
 
 
-def _timm(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+def _kaiming_fan_out(m: nn.Conv2d):
+    nn.init.kaiming_normal_(m.weight, mode="fan_out")  # ignores groups, as the authors' code
+
+
+def _group_fan_out(m: nn.Conv2d):
+    fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+    nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
+
+
+_authors = _rule(0.01, _kaiming_fan_out)
+_timm = _rule(0.02, _group_fan_out)
 
 
 def _torch(m: nn.Module):
