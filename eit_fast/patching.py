@@ -19,10 +19,17 @@ def patch(model: nn.Module, strict: bool = False, model_name: str = "", requeste
     status = fast_path_status()
     taken, skipped = [], []
     plan = []
+    unsupported = model.fused_unsupported() if hasattr(model, "fused_unsupported") else {}
     for name in FAST_PATHS:
         mod = provider(name)
         if mod is None:
             skipped.append(f"{name}: {status[name]['reason']}")
+            continue
+        if name in unsupported:  # the model has parts for this path, with options it cannot compute
+            if strict:
+                raise ImplError(f"impl='fused' was requested but the fused {name} does not support "
+                                f"{unsupported[name]}. Use impl='reference', or impl='auto' to fuse the rest.")
+            skipped.append(f"{name}: does not support {unsupported[name]}")
             continue
         why_not = mod.applies_to(model)
         if why_not is not None:

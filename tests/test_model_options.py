@@ -177,6 +177,15 @@ def test_auto_leaves_the_block_mixer_out_for_unsupported_options():
     assert all(type(b).__name__ == "Block" for b in model.blocks)
 
 
+def test_fused_refuses_unsupported_options_even_where_another_path_could_run():
+    """impl="fused" means every path that has parts to replace is fused: the stem alone is not enough."""
+    with pytest.raises(ImplError, match=r"fused block_mixer does not support .*num_cls_tokens=2"):
+        create_model("eit_micro", num_cls_tokens=2, impl="fused")
+    model = eit_fast.patch(create_model("eit_micro", num_cls_tokens=2))
+    assert not any(type(b).__name__ == "FusedBlock" for b in model.blocks)
+    assert "block_mixer: does not support" in eit_fast.info()["last_selection"]["reason"]
+
+
 def test_factory_guards_a_provider_that_would_take_unsupported_options(monkeypatch):
     """A block_mixer provider whose applies_to does not ask model.fused_unsupported(): auto keeps the whole
     model reference and says why, fused refuses."""
