@@ -55,11 +55,10 @@ def load_model_for_eval(path: str, model_name: str | None, use_ema: bool):
 
     eit_fast checkpoints and safetensors exports carry their model config; other files need `model_name`.
     """
-    from . import create_model
+    from .factory import create_trainable, model_from_config
     from .checkpoint import (CheckpointError, extract_state_dict, load_state_dict_checked, metadata_json,
                              read_file, read_safetensors_metadata)
-    from .configs import ConfigError, EITConfig
-    from .models import EIT
+    from .configs import ConfigError
 
     obj = read_file(path)
     model_config, run_args, classes = None, {}, None
@@ -77,10 +76,10 @@ def load_model_for_eval(path: str, model_name: str | None, use_ema: bool):
     if not isinstance(run_args, dict):
         raise CheckpointError(f"{path}: its recorded training settings are not a mapping")
     if model_name:
-        model = create_model(model_name)
+        model = create_trainable(model_name)
     elif isinstance(model_config, dict):
         try:
-            model = EIT(EITConfig(**model_config))
+            model = model_from_config(model_config)
         except (TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"{path}: its recorded model config is unusable: {e}") from e
     else:

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint
 from .configs import get_config, pretrained_cfg
 from .models import EIT
+from .models.baselines import baseline_config, create_baseline, is_baseline
 from .patching import patch
 from .runtime import ImplError, provider, record_selection, resolve_impl
 
@@ -73,3 +74,23 @@ def create_model(name: str, impl: str | None = None, checkpoint_path: str | os.P
         from timm.models._features import FeatureGetterNet  # what timm.create_model(features_only=True) uses
         model = FeatureGetterNet(model, out_indices=out_indices)
     return model
+
+
+def named_config(name: str, **overrides):
+    """The config of any model `python -m eit_fast.train` can train: a named EIT config or a baseline."""
+    return baseline_config(name, **overrides) if is_baseline(name) else get_config(name, **overrides)
+
+
+def create_trainable(name: str, impl: str | None = None, **overrides) -> nn.Module:
+    """create_model for an EIT config name, create_baseline for a baseline's (eit_fast.models.baselines)."""
+    return create_baseline(name, impl=impl, **overrides) if is_baseline(name) else \
+        create_model(name, impl=impl, **overrides)
+
+
+def model_from_config(config: dict) -> nn.Module:
+    """The model a checkpoint's recorded config describes (EITConfig fields, or a baseline's)."""
+    from .configs import EITConfig
+    if "baseline" in config and is_baseline(config["baseline"]):
+        fields = {k: v for k, v in config.items() if k != "baseline"}
+        return create_baseline(config["baseline"], **fields)
+    return EIT(EITConfig(**config))

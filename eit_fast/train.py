@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .checkpoint import CheckpointError, find_nonfinite, load_state_dict_checked, read_file, save_checked, \
     save_safetensors
-from .configs import ConfigError, get_config
+from .configs import ConfigError
 from .data.arrays import DataError
 from .data.augment import MixupConfig
 from .data.build import DataSpec, build_data
@@ -31,7 +31,7 @@ from .data.loader import AugmentConfig
 from .data.sampling import derive_seed
 from .ema import EMA
 from .evaluate import autocast, evaluate
-from .factory import create_model
+from .factory import create_trainable, named_config
 from .optim import make_optimizer, make_scheduler
 from .run_folder import RunFolder, list_checkpoints  # noqa: F401  (list_checkpoints: part of this module's API)
 from .runtime import ImplError
@@ -76,7 +76,7 @@ class Trainer:
             mixup=MixupConfig(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing),
             randaugment=parse_randaugment(args.randaugment), random_erasing=args.random_erasing)
         overrides = model_overrides(args)
-        img_size = get_config(args.model, **overrides).img_size  # a bad model setting fails before the data
+        img_size = named_config(args.model, **overrides).img_size  # a bad model setting fails before the data
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,
                         synthetic_size=args.synthetic_size, train_subset=args.train_subset)
@@ -92,7 +92,7 @@ class Trainer:
                 raise DataError(f"--resume {self.ckpt_path}: the data are not those the run was trained on: "
                                 f"{diff}. Resume on the same data, or start a new run.")
 
-        self.model = create_model(args.model, impl=args.impl, num_classes=len(self.data.classes),
+        self.model = create_trainable(args.model, impl=args.impl, num_classes=len(self.data.classes),
                                   **overrides).to(self.device)
         self.ema = EMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
 
