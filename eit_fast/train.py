@@ -75,7 +75,7 @@ class Trainer:
             crop_padding=args.crop_padding, hflip=args.hflip, repeats=args.repeated_aug,
             mixup=MixupConfig(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing),
             randaugment=parse_randaugment(args.randaugment), random_erasing=args.random_erasing)
-        overrides = model_overrides(args)
+        overrides = model_overrides(args, explicit)
         img_size = named_config(args.model, **overrides).img_size  # a bad model setting fails before the data
         spec = DataSpec(data=args.data, img_size=img_size, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, aug=aug, cache=args.cache, workers=args.workers,

@@ -66,6 +66,16 @@ def test_train_refuses_eit_flags_for_the_baseline(tmp_path, capsys):
     assert "the EIT option(s) ['init'] do not apply" in capsys.readouterr().err
 
 
+def test_the_recipes_eit_settings_skip_the_baseline():
+    """`--recipe cifar` sets EIT drop rates and init; a ResNet trained under it takes none of them (so every arm
+    of the experiment can share the recipe), while an EIT takes them all."""
+    from eit_fast.train_args import model_overrides, parse_args
+    args, explicit = parse_args(["--recipe", "cifar", "--model", "resnet18_cifar"])
+    assert model_overrides(args, explicit) == {}
+    args, explicit = parse_args(["--recipe", "cifar", "--model", "eit_cifar"])
+    assert {"drop_rate", "attn_drop_rate", "drop_path_rate", "init"} <= set(model_overrides(args, explicit))
+
+
 def test_resnet18_cifar_trains_and_evaluates_from_its_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--model", "resnet18_cifar", "--synthetic-size", "64", "--batch-size", "32",
@@ -183,6 +193,11 @@ def test_experiment_runs_resumes_and_keeps_finished_arms(tmp_path):
     assert r.stdout.count("finished earlier: kept") == 2
     assert all(p.stat().st_mtime_ns == t for p, t in finals.items())
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 4
+
+    r = experiment(tmp_path, data, "--report-only", "--subsets", "8", "16", "32")  # trains nothing
+    assert r.returncode == 0 and "finished earlier" not in r.stdout
+    assert [x["status"] for x in csv.DictReader(open(out / "results.csv"))] == ["done", "done", "not run"]
+    assert not (out / "runs" / "micro-32").exists()
 
     r = experiment(tmp_path, data, "--seed", "1")
     assert r.returncode == 1 and "other settings: seed=0 (now 1)" in r.stderr

@@ -195,10 +195,10 @@ def check_arm_flags(arm: Arm, s: argparse.Namespace, data: Path):
     from ..train_args import model_overrides, parse_args
     argv = train_command(arm, 1, s, data, Path(os.devnull))[3:]
     try:
-        args, _ = parse_args(argv)
+        args, explicit = parse_args(argv)
     except SystemExit:
         raise ConfigError(f"arm {arm.name!r}: the trainer refuses its flags {arm.train_flags()}") from None
-    named_config(arm.model, **model_overrides(args))  # a bad model option names itself here
+    named_config(arm.model, **model_overrides(args, explicit))  # a bad model option names itself here
 
 
 # --- cost ----------------------------------------------------------------------------------------------------
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--extract-to", help="where an archive is extracted (default ~/.cache/eit_fast/data)")
     p.add_argument("--dry-run", action="store_true", help="print the train commands and stop (writes nothing)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables and plot from the runs finished so far, training nothing")
     return p
 
 
@@ -381,6 +383,8 @@ def main(argv=None) -> int:
         for n in subsets:
             for arm in arms:
                 folder = run_dir(out, arm, n)
+                if s.report_only:
+                    continue
                 if is_finished(folder, s.epochs):
                     print(f"[{arm.name} / {n}] finished earlier: kept", flush=True)
                     continue
