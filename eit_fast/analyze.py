@@ -45,6 +45,23 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def spread_batches(loader, images: int, batch_size: int):
+    """`images` validation images spread evenly over the split, in batches: ImageFolder splits are sorted by
+    class, so the first images would all be of one class."""
+    stride = max(1, loader.num_samples // images)
+    picked, seen, count = [], 0, 0
+    for batch in loader.batches(0):
+        idx = torch.arange(seen, seen + len(batch.images), device=batch.images.device)
+        seen += len(batch.images)
+        x = batch.images[idx % stride == 0][: images - count]
+        picked.append(x)
+        count += len(x)
+        if count >= images:
+            break
+    x = torch.cat(picked)
+    yield from x.split(batch_size)
+
+
 def main(argv=None) -> int:
     from .analysis import analyze, plot
     from .checkpoint import CheckpointError
@@ -97,15 +114,7 @@ def main(argv=None) -> int:
             data = build_data(spec, device=device, seed=seed, train=False)
             model = model.to(device)
 
-            def batches():
-                left = args.images
-                for batch in data.val.batches(0):
-                    if left <= 0:
-                        return
-                    yield batch.images[:left]
-                    left -= len(batch.images)
-
-            r = analyze(model, batches(), cutoff=args.cutoff)
+            r = analyze(model, spread_batches(data.val, args.images, args.batch_size), cutoff=args.cutoff)
             r.update(source=source, data=data.description, config=cfg.to_dict())
             results[label] = r
             layers = ", ".join(f"{e['mean_distance_px']:.1f}" if "mean_distance_px" in e else "-"

@@ -134,3 +134,23 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     from eit_fast.analysis import plot
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot({}, tmp_path / "x.png")
+
+
+def test_images_are_spread_over_the_split():
+    """Class folders are sorted, so the first images are one class: the analysis strides over the split."""
+    from types import SimpleNamespace
+
+    from eit_fast.analyze import spread_batches
+
+    class Loader:
+        num_samples = 100
+
+        def batches(self, epoch):
+            for start in range(0, 100, 32):
+                ids = torch.arange(start, min(start + 32, 100), dtype=torch.float32)
+                yield SimpleNamespace(images=ids[:, None, None, None].expand(-1, 3, 2, 2))
+
+    got = torch.cat([x[:, 0, 0, 0] for x in spread_batches(Loader(), 10, 4)])
+    assert got.tolist() == [float(i) for i in range(0, 100, 10)]
+    assert [len(x) for x in spread_batches(Loader(), 10, 4)] == [4, 4, 2]
+    assert len(torch.cat(list(spread_batches(Loader(), 500, 64)))) == 100  # asks for more than there are

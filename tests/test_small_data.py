@@ -1,9 +1,11 @@
 """python -m eit_fast.experiments.small_data: arms, data archives, resume, tables; and the ResNet baseline."""
 import csv
 import json
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +216,37 @@ def test_a_failed_arm_is_reported_and_the_others_still_run(tmp_path):
     assert "runs failed: micro/999" in r.stderr and "--train-subset 999 must be between 1 and the 24" in r.stderr
     rows = {x["train_images"]: x["status"] for x in csv.DictReader(open(tmp_path / "exp" / "results.csv"))}
     assert rows == {"8": "done", "999": "not run"}
+
+
+def test_sigterm_stops_the_running_arm_with_a_checkpoint_and_a_rerun_finishes_it(tmp_path):
+    data = make_tree(tmp_path / "data")
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "eit_fast.experiments.small_data", "--data", str(data), "--output", str(out),
+           "--subsets", "16", "--epochs", "15", "--batch-size", "8", "--arms", "--arm", "micro=eit_micro"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "runs" / "micro-16" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and p.poll() is None:
+        assert time.time() < deadline, "the run never started"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err
+    assert "rerun the same command to resume" in err
+    assert list((out / "runs" / "micro-16").glob("checkpoint-*.pt"))
+    assert not (out / "runs" / "micro-16" / "final.safetensors").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "--resume" in r.stdout and "| micro | eit_micro | - | 16 |" in r.stdout
+
+
+def test_two_experiments_in_one_folder_at_once_are_refused(tmp_path):
+    from eit_fast.run_folder import RunFolder
+    data = make_tree(tmp_path / "data")
+    held = RunFolder(tmp_path / "exp")
+    held.open(new_run=False)
+    try:
+        r = experiment(tmp_path, data)
+    finally:
+        held.close()
+    assert r.returncode == 2 and "in use by another run" in r.stderr

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -199,6 +200,21 @@ def check_arm_flags(arm: Arm, s: argparse.Namespace, data: Path):
     except SystemExit:
         raise ConfigError(f"arm {arm.name!r}: the trainer refuses its flags {arm.train_flags()}") from None
     named_config(arm.model, **model_overrides(args, explicit))  # a bad model option names itself here
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one training to its end. The child has its own session, so a Ctrl-C reaches it once, forwarded from
+    here: a second copy would make the trainer stop without its checkpoint. SIGTERM is forwarded the same way."""
+    child = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --- cost ----------------------------------------------------------------------------------------------------
@@ -391,7 +407,7 @@ def main(argv=None) -> int:
                 cmd = train_command(arm, n, s, data, folder)
                 print(f"[{arm.name} / {n}] " + " ".join(cmd[1:]), flush=True)
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                rc = subprocess.call(cmd)
+                rc = run_child(cmd)
                 if rc in (130, 143):  # the trainer saved a checkpoint on SIGINT/SIGTERM: stop here too
                     print(f"stopped; rerun the same command to resume {folder}", file=sys.stderr)
                     return rc
