@@ -107,15 +107,25 @@ def test_parse_arm_and_bad_arms():
     assert [a.name for a in sd.select_arms(list(sd.DEFAULT_ARMS), [])] == ["eit", "vit", "resnet"]
 
 
-def test_a_bad_arm_fails_before_any_training(tmp_path):
-    data = make_tree(tmp_path / "data")
-    for spec, msg in (("x=eit_cifar,q_rank=0", "q-rank"), ("x=nosuch", "unknown model 'nosuch'"),
-                      ("x=eit_cifar,bogus=1", "trainer refuses")):
-        r = subprocess.run([sys.executable, "-m", "eit_fast.experiments.small_data", "--data", str(data),
-                            "--output", str(tmp_path / "exp"), "--arms", "--arm", spec],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and msg in r.stderr, (spec, r.stderr)
+@pytest.mark.parametrize("argv, msg", [
+    (["--arm", "x=eit_cifar,q_rank=0"], "q-rank"),
+    (["--arm", "x=nosuch"], "unknown model 'nosuch'"),
+    (["--arm", "x=eit_cifar,bogus=1"], "trainer refuses"),
+    (["--arm", "x=resnet18_cifar,num_cls_tokens=2"], "do not apply"),
+    (["--arms"], "no arms to run"),
+    (["--subsets", "0"], "must be positive"),
+    (["--epochs", "0"], "must be positive"),
+])
+def test_bad_input_fails_before_any_training(tmp_path, capsys, argv, msg):
+    data = make_tree(tmp_path / "data", n_train=1, n_test=1)
+    assert sd.main(["--data", str(data), "--output", str(tmp_path / "exp"), "--arms", *argv]) == 2
+    assert msg in capsys.readouterr().err
     assert not (tmp_path / "exp").exists()
+
+
+def test_missing_data_is_named(tmp_path, capsys):
+    assert sd.main(["--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "exp")]) == 2
+    assert "no such folder or archive" in capsys.readouterr().err
 
 
 def test_data_from_an_archive_is_extracted_once(tmp_path):

@@ -389,13 +389,13 @@ def test_eit_cifar_learns_real_cifar10(tmp_path):
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(tmp_path, filter="data")
     out = tmp_path / "run"
+    # The recipe's short-budget settings (no dropout, no Mixup/CutMix, timm init); bf16 halves the CPU time.
     code = train.main(["--recipe", "cifar", "--data", str(tmp_path / "cifar10"), "--train-subset", "5000",
-                       "--epochs", "2", "--eval-every", "2", "--warmup-epochs", "0.2", "--mixup", "0",
-                       "--cutmix", "0", "--batch-size", "64", "--lr", "2e-3", "--eval-batch-size", "500",
-                       "--ema-decay", "0", "--output", str(out), "--no-progress"])
+                       "--epochs", "2", "--eval-every", "2", "--batch-size", "64", "--amp", "bf16",
+                       "--eval-batch-size", "500", "--ema-decay", "0", "--output", str(out), "--no-progress"])
     assert code == 0
     rec = metrics(out)[-1]
-    assert rec["val_top1"] > 20.0, rec  # twice chance (10 classes); 156 steps reach about 24%
+    assert rec["val_top1"] > 20.0, rec  # twice chance (10 classes); 156 steps reach about RESULT
 
 
 SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
