@@ -20,7 +20,8 @@ DESCRIPTION = """Train EIT with mixed precision on one GPU, many (torchrun), or 
 With no arguments it trains a small EIT on the built-in procedural data set (a smoke run that finishes in a
 few minutes on a laptop CPU). Recipes: `--recipe cifar` (our small-data recipe for eit_cifar; its warm-up,
 lr, Mixup/CutMix and dropout rates follow --epochs), `--recipe deit` (the authors' ImageNet recipe,
-DeiT's). Settings come from, lowest to highest: the built-in defaults, the recipe, a YAML `--config` file, the command line. Every value is range-checked before any work.
+DeiT's). Settings come from, lowest to highest: the built-in defaults, the recipe, a YAML `--config` file,
+the command line. Every value is range-checked before any work.
 
 Checkpoints are written atomically with a checksum and hold everything a resume needs (model, EMA, optimizer,
 scheduler, grad scaler, every rank's RNG state, epoch and position within it, a fingerprint of the data):
