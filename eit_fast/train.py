@@ -378,6 +378,7 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, record: dict | None = None):
+        self._refuse_nonfinite()
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         rngs = distributed.all_gather_objects(rng)
@@ -398,16 +399,30 @@ class Trainer:
         }
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
-        bad = find_nonfinite({k: state[k] for k in ("model", "model_ema", "optimizer") if k in state})
-        if bad:
-            last = self.folder.checkpoints()
-            raise TrainError(f"not saving a checkpoint at step {self.step}: {len(bad)} tensor(s) hold NaN/inf "
-                             f"(e.g. {', '.join(bad[:3])}). Try a lower --lr, --clip-grad 1.0 or --amp none"
-                             + (f", and resume from the last good checkpoint, {last[-1]}" if last else ""))
         save_checked(state, self.output / f"checkpoint-{self.step:08d}.pt")
         if record is not None and record.get("best"):
             save_checked(state, self.output / "best.pt")
         self.folder.rotate(self.args.keep_last)
+
+    def _refuse_nonfinite(self):
+        """Never save NaN/inf weights. Every rank checks and the ranks agree, so under DDP they all stop here
+        together: rank 0 alone raising would leave the others waiting in the next collective."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.ema is not None:
+            weights["model_ema"] = self.ema.module.state_dict()
+        bad = find_nonfinite(weights)
+        if self.dist.enabled:
+            anywhere = distributed.all_reduce_sum(torch.tensor([float(len(bad))], device=self.device)).item()
+        else:
+            anywhere = len(bad)
+        if not anywhere:
+            return
+        last = self.folder.checkpoints() if self.dist.is_main else []
+        where = f"{len(bad)} tensor(s) hold NaN/inf (e.g. {', '.join(bad[:3])})" if bad else \
+            "another rank's weights hold NaN/inf"
+        raise TrainError(f"not saving a checkpoint at step {self.step}: {where}. Try a lower --lr, --clip-grad "
+                         f"1.0 or --amp none" + (f", and resume from the last good checkpoint, {last[-1]}"
+                                                 if last else ""))
 
     # --- misc ------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self):

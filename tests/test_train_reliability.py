@@ -48,6 +48,26 @@ def test_non_finite_weights_are_never_written(tmp_path):
         t._save_checkpoint()
 
 
+def test_under_ddp_a_rank_with_clean_weights_stops_with_the_one_holding_nan(tmp_path, monkeypatch):
+    """The ranks agree before a checkpoint (an all-reduce of the bad-tensor count), so a rank whose own
+    weights are finite raises too instead of waiting alone in the next collective."""
+    out = tmp_path / "run"
+    t = trainer(out, "--stop-after", "3")
+    assert t.run() == 0
+    reduced = []
+
+    def other_rank_has_one(x):
+        reduced.append(x.clone())
+        return x + 1
+    monkeypatch.setattr(train.distributed, "all_reduce_sum", other_rank_has_one)
+    import dataclasses
+    t.dist = dataclasses.replace(t.dist, world_size=2)  # rank 0 of 2
+    with pytest.raises(train.TrainError, match="not saving a checkpoint at step 3: another rank's weights hold "
+                                               "NaN/inf"):
+        t._save_checkpoint()
+    assert reduced and reduced[0].item() == 0  # this rank's own count: clean
+
+
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "eit_fast.train", *TINY, "--epochs", "100", "--output", str(out)]
