@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -43,7 +44,7 @@ DEFAULT_SUBSETS = (5000, 10000, 50000)
 # Settings every run of one experiment folder shares (checked on a rerun).
 SHARED = ("recipe", "epochs", "seed", "amp", "impl", "batch_size", "data")
 TABLE_COLUMNS = ("arm", "model", "options", "train_images", "epochs", "top1", "top5", "ema_top1", "params",
-                 "macs", "train_s", "images_per_s", "status")
+                 "macs", "train_s", "median_epoch_s", "images_per_s", "status")
 
 
 class ExperimentError(RuntimeError):
@@ -258,14 +259,16 @@ def collect(out: Path, arms: list[Arm], subsets: list[int], s: argparse.Namespac
             params, macs = costs[arm.name]
             row = dict(arm=arm.name, model=arm.model, options=arm.describe(), train_images=n, epochs=s.epochs,
                        top1=None, top5=None, ema_top1=None, params=params, macs=macs, train_s=None,
-                       images_per_s=None, status="not run")
+                       median_epoch_s=None, images_per_s=None, status="not run")
             if records:
                 row["status"] = "partial"
             if last is not None and is_finished(folder, s.epochs):
-                train_s = sum(r.get("epoch_time_s", 0.0) for r in records)
+                times = [r.get("epoch_time_s", 0.0) for r in records]
+                train_s = sum(times)
+                # The median epoch shows the speed even when something else shared the machine for a while.
                 row.update(top1=last["val_top1"], top5=last["val_top5"], ema_top1=last.get("ema_val_top1"),
-                           train_s=round(train_s, 1), images_per_s=round(n * s.epochs / train_s, 1),
-                           status="done")
+                           train_s=round(train_s, 1), median_epoch_s=round(statistics.median(times), 1),
+                           images_per_s=round(n * s.epochs / train_s, 1), status="done")
             rows.append(row)
     return rows
 
@@ -280,12 +283,13 @@ def write_tables(out: Path, rows: list[dict], s: argparse.Namespace):
     lines = [f"Recipe `{s.recipe}`, {s.epochs} epochs for every subset, seed {s.seed}, amp {s.amp or 'default'}; "
              f"top-1 on the whole validation split ({s.data_path}).", "",
              "| arm | model | options | train images | top-1 (%) | EMA top-1 (%) | params (M) | MACs (M) | "
-             "train time (s) | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "train time (s) | median epoch (s) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['model']} | {r['options']} | {r['train_images']:,} | "
                      f"{fmt(r['top1'], '.2f')} | {fmt(r['ema_top1'], '.2f')} | {r['params'] / 1e6:.2f} | "
-                     f"{r['macs'] / 1e6:.0f} | {fmt(r['train_s'], '.0f')} | {r['status']} |")
+                     f"{r['macs'] / 1e6:.0f} | {fmt(r['train_s'], '.0f')} | {fmt(r['median_epoch_s'], '.1f')} | "
+                     f"{r['status']} |")
     (out / "results.md.tmp").write_text("\n".join(lines) + "\n")
     os.replace(out / "results.md.tmp", out / "results.md")
 
