@@ -166,13 +166,21 @@ def test_subsets_are_nested_and_the_same_for_every_arm():
     assert not torch.equal(small, subset_indices(50_000, 5_000, 1))
 
 
-def test_model_cost_counts_params_and_macs():
+def test_model_cost_counts_params_and_macs(tmp_path):
     from eit_fast import count_macs, get_config
-    p, macs = sd.model_cost(sd.Arm("eit", "eit_cifar"), 10)
+    data = make_tree(tmp_path / "data", n_train=1, n_test=1)
+    s = sd.build_parser().parse_args(["--data", str(data), "--output", str(tmp_path / "exp")])
+
+    def cost(arm):
+        return sd.model_cost(arm, sd.arm_overrides(arm, s, data), 10)
+    p, macs = cost(sd.Arm("eit", "eit_cifar"))
     assert p == sum(x.numel() for x in create_trainable("eit_cifar").parameters())
     assert macs == count_macs(get_config("eit_cifar")).total
-    p, macs = sd.model_cost(sd.Arm("r", "resnet18_cifar"), 10)
+    p, macs = cost(sd.Arm("r", "resnet18_cifar"))
     assert p == 11_173_962 and 0.55e9 < macs < 0.56e9  # ResNet-18 at 32 px: 0.56 GMACs, as usually quoted
+    # Options arrive typed as the trainer reads them: a float rate, an int rank, an init (ignored here).
+    p, _ = cost(sd.parse_arm("x=eit_cifar,drop=0.1,q_rank=32,init=torch"))
+    assert p == sum(x.numel() for x in create_trainable("eit_cifar", q_rank=32).parameters())
 
 
 # --- the whole experiment --------------------------------------------------------------------------------------

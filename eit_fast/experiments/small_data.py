@@ -191,8 +191,9 @@ def train_command(arm: Arm, n: int, s: argparse.Namespace, data: Path, folder: P
     return cmd + arm.train_flags()
 
 
-def check_arm_flags(arm: Arm, s: argparse.Namespace, data: Path):
-    """Parse an arm's train line now, so a bad option fails before hours of other arms' training."""
+def arm_overrides(arm: Arm, s: argparse.Namespace, data: Path) -> dict:
+    """The model overrides the trainer will build the arm with, typed and checked now, so a bad option fails
+    before hours of other arms' training."""
     from ..factory import named_config
     from ..train_args import model_overrides, parse_args
     argv = train_command(arm, 1, s, data, Path(os.devnull))[3:]
@@ -200,7 +201,9 @@ def check_arm_flags(arm: Arm, s: argparse.Namespace, data: Path):
         args, explicit = parse_args(argv)
     except SystemExit:
         raise ConfigError(f"arm {arm.name!r}: the trainer refuses its flags {arm.train_flags()}") from None
-    named_config(arm.model, **model_overrides(args, explicit))  # a bad model option names itself here
+    overrides = model_overrides(args, explicit)
+    named_config(arm.model, **overrides)  # a bad model option names itself here
+    return overrides
 
 
 def run_child(cmd: list[str]) -> int:
@@ -220,16 +223,14 @@ def run_child(cmd: list[str]) -> int:
 
 # --- cost ----------------------------------------------------------------------------------------------------
 
-def model_cost(arm: Arm, num_classes: int) -> tuple[int, int]:
+def model_cost(arm: Arm, overrides: dict, num_classes: int) -> tuple[int, int]:
     """(parameters, multiply-accumulates of one forward pass), counted on a meta-device model."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..factory import create_trainable, named_config
-    from ..train_args import MODEL_FLAGS
-    fields = {MODEL_FLAGS[k]: v for k, v in arm.options.items() if k in MODEL_FLAGS}
     # The init does not change the architecture (and the impulse fit cannot run on meta tensors).
-    fields = {k: _typed(v) for k, v in fields.items() if k not in ("init", "attn_init", "impulse_window")}
+    fields = {k: v for k, v in overrides.items() if k not in ("init", "attn_init", "impulse_window")}
     cfg = named_config(arm.model, **fields)
     h, w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else cfg.img_size
     with torch.device("meta"):
@@ -238,13 +239,6 @@ def model_cost(arm: Arm, num_classes: int) -> tuple[int, int]:
     with FlopCounterMode(display=False) as counter:
         model(x)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
-
-
-def _typed(value: str):
-    try:
-        return int(value)
-    except ValueError:
-        return value
 
 
 # --- results -------------------------------------------------------------------------------------------------
@@ -382,8 +376,7 @@ def main(argv=None) -> int:
         data = resolve_data(s.data, s.extract_to)
         s.data_path = str(data)
         s.data = str(Path(s.data).expanduser().resolve())
-        for arm in arms:
-            check_arm_flags(arm, s, data)
+        overrides = {arm.name: arm_overrides(arm, s, data) for arm in arms}
         out = Path(s.output)
         if s.dry_run:
             for n in subsets:
@@ -398,7 +391,7 @@ def main(argv=None) -> int:
     try:
         load_or_record_settings(out, s, arms)
         num_classes = count_classes(data)
-        costs = {a.name: model_cost(a, num_classes) for a in arms}
+        costs = {a.name: model_cost(a, overrides[a.name], num_classes) for a in arms}
         failed = []
         for n in subsets:
             for arm in arms:
