@@ -35,23 +35,25 @@ def default_run_row():
     """The Measured table's row for the default run: (epochs, steps, val top-1 as printed)."""
     text = (ROOT / "README.md").read_text()
     row = re.search(r"^\| the default run \| `python -m eit_fast\.train` \| (.*) \|$", text, flags=re.M).group(1)
-    m = re.search(r"(\d+) epochs, (\d+) steps in .*val top-1 (\d+\.\d\d)%", row)
+    m = re.search(r"(\d+) epochs, (\d+) steps in .*val top-1 (\d+\.\d\d)%.*at least (\d+)%", row)
     assert m, row
-    return int(m.group(1)), int(m.group(2)), m.group(3)
+    return int(m.group(1)), int(m.group(2)), m.group(3), float(m.group(4))
 
 
 def test_the_readme_states_the_default_runs_figure():
-    epochs, steps, top1 = default_run_row()
-    assert epochs >= 1 and steps >= epochs and 0 < float(top1) <= 100
+    epochs, steps, top1, floor = default_run_row()
+    assert epochs >= 1 and steps >= epochs and floor < float(top1) <= 100
 
 
 @pytest.mark.slow
 def test_the_default_run_reaches_the_readmes_figure(tmp_path):
-    """The default run is deterministic: its final val top-1 is the README's, to the printed digit."""
-    epochs, steps, top1 = default_run_row()
+    """The default run reaches the README's floor. Its exact figure repeats on one machine but not across CPUs
+    (their matmul kernels round differently), so the floor, not the digit, is what every machine must meet."""
+    epochs, steps, top1, floor = default_run_row()
     r = subprocess.run([sys.executable, "-m", "eit_fast.train", "--no-progress", "--output", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"done: eit_micro on synthetic, {epochs} epochs, {steps} steps in "), last
-    assert f"; val top-1 {top1}% " in last, last
+    got = float(re.search(r"; val top-1 (\d+\.\d\d)% ", last).group(1))
+    assert got >= floor, last
