@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from eit_fast import autotune
+from eit_fast.timing import Timing
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -9,8 +12,26 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
-    """Decode caches go to a temporary folder, not the user's ~/.cache."""
+    """Decode caches and auto's choices go to a temporary folder, not the user's ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    monkeypatch.delenv("EIT_FAST_CACHE_DIR", raising=False)
+    monkeypatch.delenv("EIT_FAST_AUTOTUNE", raising=False)
+
+
+def fused_wins(fns, device, warmup=1, iters=1, **_):
+    """A timer for tests (timing never goes in tests): the fused path is always twice as fast."""
+    return {name: Timing(1.0 if name == "fused" else 2.0, 0.0, 1.0 if name == "fused" else 2.0, [], None, "test")
+            for name in fns}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_auto():
+    """impl="auto" decides the same way in every test: a fresh book and a timer where fused wins. Tests of
+    the choice logic inject their own timer."""
+    autotune.reset()
+    with autotune.use_timer(fused_wins):
+        yield
+    autotune.reset()
 
 
 def pytest_collection_modifyitems(config, items):

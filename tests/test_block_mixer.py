@@ -59,19 +59,23 @@ def test_swap_keeps_parameters_and_state_dict():
     model = create_model("eit_micro", impl="reference")
     before = dict(model.named_parameters())
     keys = list(model.state_dict())
-    assert fused_block.applies_to(model) is None
+    assert fused_block.applies_to(model).applies
     assert fused_block.swap(model) == len(model.blocks)
     assert all(type(b) is FusedBlock for b in model.blocks)
     assert list(model.state_dict()) == keys
     assert all(p is before[n] for n, p in model.named_parameters())
     assert fused_block.swap(model) == 0  # already fused
-    assert fused_block.applies_to(torch.nn.Linear(2, 2)) == "the model has no EIT/ViT blocks"
-    wide = create_model("vit_cifar", impl="reference", embed_dim=260, num_heads=2)
-    assert fused_block.applies_to(wide) == "head size 130 is over the fused kernels' maximum 64"
-    two_cls = create_model("eit_micro", impl="reference", num_cls_tokens=2)
-    assert "exactly one CLS token" in fused_block.applies_to(two_cls)
-    two_cls.fused_unsupported = lambda: {}  # the blocks themselves are checked too
-    assert fused_block.applies_to(two_cls).startswith("several CLS tokens")
+    assert fused_block.swap(model, auto=True) == len(model.blocks)  # the measured variant, same objects
+    assert all(type(b) is fused_block.AutoFusedBlock for b in model.blocks)
+    assert all(p is before[n] for n, p in model.named_parameters())
+    assert fused_block.unswap(model) == len(model.blocks) and all(type(b) is Block for b in model.blocks)
+    assert list(model.state_dict()) == keys
+    none = fused_block.applies_to(torch.nn.Linear(2, 2))
+    assert not none.applies and not none.unsupported and none.reason == "the model has no EIT/ViT blocks"
+    wide = fused_block.applies_to(create_model("vit_cifar", impl="reference", embed_dim=260, num_heads=2))
+    assert wide.unsupported and wide.reason == "head size 130 (the fused kernels' maximum is 64)"
+    two_cls = fused_block.applies_to(create_model("eit_micro", impl="reference", num_cls_tokens=2))
+    assert two_cls.unsupported and "exactly one CLS token" in two_cls.reason
 
 
 @pytest.mark.parametrize("cfg_name,layer,grid", [("eit_micro", 0, (8, 8)), ("eit_micro", 3, (8, 8)),

@@ -160,14 +160,15 @@ def test_load_checkpoint_into_a_model_with_other_options_refuses(tmp_path):
 
 # --- fused paths: what they do not support ----------------------------------------------------------------
 
-def test_fused_unsupported_lists_options():
-    assert create_model("eit_micro").fused_unsupported() == {}
-    assert create_model("eit_micro", attn_init="impulse", init="torch").fused_unsupported() == {}
-    why = create_model("eit_micro", num_cls_tokens=2, k_rank=8).fused_unsupported()
-    assert set(why) == {"block_mixer"}
-    assert "num_cls_tokens=2" in why["block_mixer"] and "k_rank=8" in why["block_mixer"]
+def test_the_mixer_judges_options_from_the_blocks():
+    """fused_block.applies_to is the one judge: it reads each block's options, not the model's config."""
+    from eit_fast.modules import fused_block
+    assert fused_block.applies_to(create_model("eit_micro")).applies
+    assert fused_block.applies_to(create_model("eit_micro", attn_init="impulse", init="torch")).applies
+    v = fused_block.applies_to(create_model("eit_micro", num_cls_tokens=2, k_rank=8))
+    assert v.unsupported and "num_cls_tokens=2" in v.reason and "low-rank q/k/v" in v.reason
     # a rank at or above every layer's width changes nothing, so nothing is unsupported
-    assert create_model("eit_micro", q_rank=96).fused_unsupported() == {}
+    assert fused_block.applies_to(create_model("eit_micro", q_rank=96)).applies
 
 
 def test_auto_leaves_the_block_mixer_out_for_unsupported_options():
@@ -181,22 +182,11 @@ def test_fused_refuses_unsupported_options_even_where_another_path_could_run():
     """impl="fused" means every path that has parts to replace is fused: the stem alone is not enough."""
     with pytest.raises(ImplError, match=r"fused block_mixer does not support .*num_cls_tokens=2"):
         create_model("eit_micro", num_cls_tokens=2, impl="fused")
-    model = eit_fast.patch(create_model("eit_micro", num_cls_tokens=2))
-    assert not any(type(b).__name__ == "FusedBlock" for b in model.blocks)
-    assert "block_mixer: does not support" in eit_fast.info()["last_selection"]["reason"]
-
-
-def test_factory_guards_a_provider_that_would_take_unsupported_options(monkeypatch):
-    """A block_mixer provider whose applies_to does not ask model.fused_unsupported(): auto keeps the whole
-    model reference and says why, fused refuses."""
-    from eit_fast.modules import fused_block
-    monkeypatch.setattr(fused_block, "applies_to", lambda model: None)
-    model = create_model("eit_micro", num_cls_tokens=2, impl="auto")
-    sel = eit_fast.info()["last_selection"]
-    assert model.impl == "reference" and sel["fused"] == [] and "num_cls_tokens=2" in sel["reason"], sel
-    assert all(type(b).__name__ == "Block" for b in model.blocks)
-    with pytest.raises(ImplError, match="q_rank=8"):
+    with pytest.raises(ImplError, match="low-rank q/k/v"):
         create_model("eit_micro", q_rank=8, impl="fused")
+    model = eit_fast.patch(create_model("eit_micro", num_cls_tokens=2))
+    assert not any(type(b).__name__.endswith("FusedBlock") for b in model.blocks)
+    assert "block_mixer: does not support" in eit_fast.info()["last_selection"]["reason"]
 
 
 # --- impulse init -----------------------------------------------------------------------------------------

@@ -231,7 +231,10 @@ def test_create_model_fused_uses_the_fused_stem_with_the_same_parameters():
     model.load_state_dict(ref.state_dict())
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
-    assert fused_patch.swap(model) == 0  # already fused
+    assert fused_patch.swap(model, auto=True) == 0  # already fused (the measured variant)
+    assert fused_patch.swap(model) == 1 and type(model.patch_embed) is FusedPatchEmbed
+    assert fused_patch.unswap(model) == 1 and type(model.patch_embed).__name__ == "EITPatchEmbed"
+    assert list(model.state_dict()) == list(ref.state_dict())
 
 
 def test_patch_swaps_in_place_and_trains_like_the_reference():
@@ -286,11 +289,13 @@ def test_autocast_and_fallback():
 
 def test_provider_refuses_the_vit_stem_with_a_reason():
     vit = eit_fast.create_model("vit_cifar", impl="reference")
-    assert "not EIT's conv + max-pool" in fused_patch.applies_to(vit)
+    v = fused_patch.applies_to(vit)
+    assert not v.applies and not v.unsupported and "not EIT's conv + max-pool" in v.reason
     eit = eit_fast.create_model("eit_cifar", impl="reference")
-    assert fused_patch.applies_to(eit) is None
+    assert fused_patch.applies_to(eit).applies
     eit.patch_embed.eit_p.pool.ceil_mode = True
-    assert "ceil_mode" in fused_patch.applies_to(eit)
+    v = fused_patch.applies_to(eit)
+    assert not v.applies and v.unsupported and "ceil_mode" in v.reason
     with pytest.raises(ValueError, match="cannot fuse this stem"):
         FusedPatchEmbed.from_reference(eit.patch_embed)
 

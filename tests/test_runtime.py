@@ -17,14 +17,15 @@ def test_fused_refuses_with_a_reason():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the fused block_mixer can run too")
-def test_auto_takes_the_fused_stem_on_cpu_and_says_why_not_the_mixer():
+def test_auto_takes_the_stem_under_measurement_on_cpu_and_says_why_not_the_mixer():
     model = create_model("eit_cifar", impl="auto")
-    assert model.impl == "fused"
-    assert type(model.patch_embed).__name__ == "FusedPatchEmbed"
+    assert model.impl == "auto"
+    assert type(model.patch_embed).__name__ == "AutoFusedPatchEmbed"
     sel = eit_fast.info()["last_selection"]
-    assert sel["model"] == "eit_cifar" and sel["requested"] == "auto" and sel["chosen"] == "fused"
+    assert sel["model"] == "eit_cifar" and sel["requested"] == "auto" and sel["chosen"] == "auto"
     assert sel["fused"] == ["patch_projection"]
-    assert sel["reason"].startswith("auto: fused patch_projection; not fused: block_mixer: no CUDA GPU")
+    assert sel["reason"].startswith("auto: patch_projection measured against the reference per case")
+    assert "not fused: block_mixer: no CUDA GPU" in sel["reason"]
 
 
 def test_environment_variable_sets_the_default(monkeypatch):

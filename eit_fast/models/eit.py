@@ -335,20 +335,6 @@ class EIT(nn.Module):
             shifts.append(s)
         return shifts
 
-    @torch.jit.ignore
-    def fused_unsupported(self) -> dict[str, str]:
-        """{fast path name: why it cannot compute this model} for the options the fused paths lack."""
-        cfg = self.cfg
-        why = []
-        if cfg.num_cls_tokens != 1:
-            why.append(f"num_cls_tokens={cfg.num_cls_tokens} (the fused mixer passes exactly one CLS token "
-                       f"around the conv branch)")
-        low = [f"{p}_rank={getattr(cfg, p + '_rank')}" for p in "qkv"
-               if any(cfg.rank(p, i) is not None for i in range(cfg.depth))]
-        if low:
-            why.append(f"low-rank projections {', '.join(low)} (the fused mixer reads one fused qkv weight)")
-        return {"block_mixer": "; ".join(why)} if why else {}
-
     # --- forward ---------------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor):
         cfg = self.cfg

@@ -2,7 +2,8 @@
 add run by eit_fast::block_mixer (Triton: attention + depthwise conv in one launch, projection GEMM with the
 residual in its epilogue). Same parameters and names as the reference Block, so state dicts move unchanged.
 
-Provider interface for eit_fast.runtime / eit_fast.patch: availability(), applies_to(model), swap(model).
+Provider interface for eit_fast.runtime / eit_fast.patch: availability(), applies_to(model), swap(model, auto),
+unswap(model); AutoFusedBlock is the impl="auto" class (eit_fast.autotune picks per case).
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import os
 import torch
 import torch.nn as nn
 
+from ..autotune import AutoSelected
 from ..models.eit import Block
 from ..ops import block_mixer as _op
+from ..runtime import Verdict
 
 
 class FusedBlock(Block):
@@ -79,32 +82,68 @@ def availability() -> tuple[bool, str]:
     return True, f"Triton on {torch.cuda.get_device_name()}"
 
 
-def applies_to(model) -> str | None:
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not any(isinstance(b, Block) for b in blocks):
-        return "the model has no EIT/ViT blocks"
-    unsupported = getattr(model, "fused_unsupported", None)
-    why = unsupported().get("block_mixer") if callable(unsupported) else None
-    if why:
-        return why
-    for b in blocks:
-        if isinstance(b, Block) and b.conv_dim and getattr(b.eit_t, "num_prefix_tokens", 1) != 1:
-            return "several CLS tokens (the fused mixer passes exactly one CLS token around the conv branch)"
-        if isinstance(b, Block) and b.attn_dim and type(b.attn.qkv) is not nn.Linear:
-            return "low-rank q/k/v projections (the fused mixer reads one fused qkv weight)"
-    big = [b.attn.head_dim for b in blocks if isinstance(b, Block) and b.attn_dim
-           and b.attn.head_dim > _op.MAX_HEAD_DIM]
-    if big:
-        return f"head size {max(big)} is over the fused kernels' maximum {_op.MAX_HEAD_DIM}"
+def block_unsupported(b: Block) -> str | None:
+    """Why the fused mixer cannot compute this block, from the block's own options, or None."""
+    if b.conv_dim and getattr(b.eit_t, "num_prefix_tokens", 1) != 1:
+        return (f"num_cls_tokens={b.eit_t.num_prefix_tokens} (the fused mixer passes exactly one CLS token "
+                f"around the conv branch)")
+    if b.attn_dim and type(b.attn.qkv) is not nn.Linear:
+        return "low-rank q/k/v projections (the fused mixer reads one fused qkv weight)"
+    if b.attn_dim and b.attn.head_dim > _op.MAX_HEAD_DIM:
+        return f"head size {b.attn.head_dim} (the fused kernels' maximum is {_op.MAX_HEAD_DIM})"
     return None
 
 
-def swap(model) -> int:
-    """Turn each reference Block of model.blocks into a FusedBlock in place: the same module object, so the
-    very same parameters, buffers and hooks; FusedBlock adds no state, only its forward."""
+def applies_to(model) -> Verdict:
+    """The one judge of whether `model`'s blocks can take the fused mixer: from each block's options."""
+    blocks = [b for b in getattr(model, "blocks", ()) if isinstance(b, Block)]
+    if not blocks:
+        return Verdict.absent("the model has no EIT/ViT blocks")
+    why = sorted({w for w in map(block_unsupported, blocks) if w})
+    return Verdict.cannot("; ".join(why)) if why else Verdict.yes()
+
+
+class AutoFusedBlock(AutoSelected, FusedBlock):
+    """The fused block under impl="auto": each case runs the path eit_fast.autotune measured faster."""
+
+    fast_path = "block_mixer"
+    _fused_forward = staticmethod(FusedBlock.forward)
+    _reference_forward = staticmethod(Block.forward)
+
+    def case_key(self, args) -> tuple[int, str]:
+        x, grid = args[0], args[1]
+        heads = self.attn.num_heads if self.attn_dim else 0
+        return x.shape[0], (f"tokens={x.shape[1]} grid={tuple(grid)} dim={x.shape[2]} conv={self.conv_dim} "
+                            f"attn={self.attn_dim} heads={heads}")
+
+    def cannot_run(self, args) -> str | None:
+        if args[0].device.type == "cpu":
+            return ("the fused mixer runs on the CPU only interpreted (TRITON_INTERPRET=1), which is never "
+                    "faster" if _op.interpreting() else "the fused mixer needs a CUDA GPU")
+        return None
+
+
+def swap(model, auto: bool = False) -> int:
+    """Turn each Block of model.blocks into the fused class (the measured variant with auto=True) in place:
+    the same module object, so the very same parameters, buffers and hooks. Returns how many changed."""
+    cls = AutoFusedBlock if auto else FusedBlock
     n = 0
     for blk in model.blocks:
-        if type(blk) is Block:
-            blk.__class__ = FusedBlock
+        if isinstance(blk, Block) and type(blk) is not cls:
+            blk.__class__ = cls
+            n += 1
+    return n
+
+
+def swapped(model) -> int:
+    return sum(isinstance(b, FusedBlock) for b in getattr(model, "blocks", ()))
+
+
+def unswap(model) -> int:
+    """Back to the reference Block class; returns how many changed."""
+    n = 0
+    for blk in getattr(model, "blocks", ()):
+        if isinstance(blk, FusedBlock):
+            blk.__class__ = Block
             n += 1
     return n

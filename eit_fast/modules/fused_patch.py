@@ -2,7 +2,8 @@
 the one op eit_fast::patch_projection (eit_fast._C), which never writes the conv output. Same submodules and
 parameters as the reference (patch_embed.eit_p.conv.*), so state dicts move unchanged.
 
-Provider interface for eit_fast.runtime / eit_fast.patch: availability(), applies_to(model), swap(model).
+Provider interface for eit_fast.runtime / eit_fast.patch: availability(), applies_to(model), swap(model, auto),
+unswap(model); AutoFusedPatchEmbed is the impl="auto" class (eit_fast.autotune picks per case).
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..autotune import AutoSelected
 from ..models.eit import EITPatchEmbed
 from ..ops import patch_projection as _op
+from ..runtime import Verdict
 
 
 class FusedPatchEmbed(EITPatchEmbed):
@@ -91,17 +94,60 @@ def availability() -> tuple[bool, str]:
     return True, f"eit_fast._C built with the CPU kernel only ({_op.build_note()})"
 
 
-def applies_to(model) -> str | None:
+def applies_to(model) -> Verdict:
+    """The one judge of whether `model`'s stem can be fused: from the stem module's own settings."""
     pe = getattr(model, "patch_embed", None)
     if pe is None:
-        return "the model has no patch_embed"
+        return Verdict.absent("the model has no patch_embed")
     if isinstance(pe, FusedPatchEmbed):
-        return None
-    return unsupported_stem(pe)
+        return Verdict.yes("already fused")
+    if not isinstance(pe, EITPatchEmbed):
+        return Verdict.absent(f"the stem is {type(pe).__name__}, not EIT's conv + max-pool (EITPatchEmbed)")
+    why = unsupported_stem(pe)
+    return Verdict.cannot(why) if why else Verdict.yes()
 
 
-def swap(model) -> int:
-    if isinstance(model.patch_embed, FusedPatchEmbed):
+class AutoFusedPatchEmbed(AutoSelected, FusedPatchEmbed):
+    """The fused stem under impl="auto": each case runs the path eit_fast.autotune measured faster."""
+
+    fast_path = "patch_projection"
+    _fused_forward = staticmethod(FusedPatchEmbed.forward)
+    _reference_forward = staticmethod(EITPatchEmbed.forward)
+
+    def case_key(self, args) -> tuple[int, str]:
+        x = args[0]
+        conv = self.eit_p.conv
+        layout = "channels_last" if x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        return x.shape[0], (f"image={tuple(x.shape[1:])} {layout} kernel={conv.kernel_size[0]} "
+                            f"stride={conv.stride[0]} pool={self.eit_p.pool.kernel_size} dim={conv.out_channels}")
+
+    def cannot_run(self, args) -> str | None:
+        return _op.unsupported(args[0])
+
+
+def swap(model, auto: bool = False) -> int:
+    """Make model.patch_embed the fused stem (the measured variant with auto=True); 1 if it changed."""
+    pe = model.patch_embed
+    cls = AutoFusedPatchEmbed if auto else FusedPatchEmbed
+    if type(pe) is cls:
         return 0
-    model.patch_embed = FusedPatchEmbed.from_reference(model.patch_embed)
+    if isinstance(pe, FusedPatchEmbed):
+        pe.__class__ = cls
+        return 1
+    model.patch_embed = FusedPatchEmbed.from_reference(pe)
+    model.patch_embed.__class__ = cls
+    return 1
+
+
+def swapped(model) -> int:
+    return int(isinstance(getattr(model, "patch_embed", None), FusedPatchEmbed))
+
+
+def unswap(model) -> int:
+    """Back to the reference EITPatchEmbed (same submodules and parameters); 1 if it changed."""
+    pe = getattr(model, "patch_embed", None)
+    if not isinstance(pe, FusedPatchEmbed):
+        return 0
+    pe.__class__ = EITPatchEmbed
     return 1
