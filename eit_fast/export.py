@@ -92,6 +92,7 @@ def main(argv=None) -> int:
             raise ExportError(f"the output {output} is the checkpoint itself; choose another --output")
         check_output_path(output)
         model, run_args, classes = load_model_for_eval(str(source), args.model, use_ema, obj)
+        data = _eval_data(args.validate, model, run_args, classes, args.batch_size) if args.validate else None
         name = args.model or run_args.get("model")
         extra = {"source": source.name, "ema": json.dumps(bool(args.ema))}
         if args.format == "safetensors" and run_args:  # evaluate reads the run's seed and data size from it
@@ -108,8 +109,7 @@ def main(argv=None) -> int:
                   f"max abs difference {c['max_abs']:.2e}, relative {c['relative']:.2e}")
         else:
             print(f"note: {r['note']}", file=sys.stderr)
-        if args.validate is not None:
-            data = _eval_data(args.validate, model, run_args, classes, args.batch_size)
+        if data is not None:
             v = validate(model, load_exported(output, args.format), data.val)
             print(f"validated on {data.description}: PyTorch top-1 {v['top1_pytorch']:.2f}%, {args.format} "
                   f"top-1 {v['top1_export']:.2f}%; predictions agree on {v['agree']:.2f}% of {v['images']} "
