@@ -1,10 +1,20 @@
-"""Flash-style multi-head attention, forward and backward, reading q, k, v straight from the qkv Linear's
-output (B, N, 3A) with A = H * HD channels laid out as (3, H, HD), and writing o as (B, N, A) = (B, N, H, HD).
+"""Flash-style multi-head attention, forward and backward, on heads padded to HP channels in memory.
 
-Online softmax: no N x N matrix ever reaches memory. Any N (masked tails) and any head size: the head
-dimension is padded to BLOCK_D (a power of 2, >= 16 for tl.dot) inside the kernel under masks, never in
-memory. lse is kept in log2 units (the kernels use exp2). Dropout on the probabilities comes from
-dropout.keep at offset ((b*H + h)*N + i)*N + j, regenerated in the backward.
+Layouts (all contiguous): qkv and dqkv (B, N, 3, H, HP); o and dO (B, N, H, HP); lse and delta (B, H, N)
+fp32. HP, the head size rounded up to a multiple of 8, is a constexpr, so every row offset is a multiple of
+8 elements and the compiler can prove 16-byte alignment: the 16-bit loads are vectors, which the
+pipeliner turns into cp.async (docs/design.md section 6). The padding columns are zero (the qkv GEMM runs
+on a zero-padded weight), so they change neither q.k nor o, and their gradients come out zero.
+
+Online softmax: no N x N matrix ever reaches memory; any N (masked tails). In-kernel the head dimension is
+BLOCK_D = next power of 2 >= max(HP, 16). lse is in log2 units (the kernels use exp2). Dropout on the
+probabilities comes from dropout.keep at offset ((b*H + h)*N + i)*N + j, regenerated in the backward.
+
+Backward, one launch per (batch, head) program (`attn_bwd_kernel`): delta = rowsum(dO * O) first, then
+for each key slab dK and dV over all queries, with dQ from the same probabilities, so every exponential
+is computed once. dQ is summed over key slabs in registers when all queries fit one slab (N <= BLOCK_M),
+else in an fp32 scratch that only this program touches (read-modify-write, in the same order every run):
+deterministic, no atomics.
 """
 import triton
 import triton.language as tl
@@ -24,19 +34,19 @@ def _dot(a, b, DOT_F32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def attn_fwd_tile(qkv_ptr, o_ptr, lse_ptr, seed_ptr, pid_m, pid_bh,
-                  N, H, A, HD, s_qb, s_qn, s_qc, s_ob, s_on, s_oc, qk_scale, p_drop,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def attn_fwd_tile(qkv_ptr, o_ptr, lse_ptr, seed_ptr, pid_m, pid_bh, N, H, qk_scale, p_drop,
+                  HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     """One BLOCK_M slab of queries of one (batch, head): o and lse for those rows."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
+    s_n = 3 * H * HP  # qkv row stride: a multiple of 8 since HP is
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HD
-    base = qkv_ptr + b * s_qb + (h * HD + offs_d) * s_qc
-    q = tl.load(base[None, :] + offs_m[:, None].to(tl.int64) * s_qn,
+    mask_d = offs_d < HP
+    q_base = qkv_ptr + b * N * s_n + h * HP
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_n + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -46,7 +56,8 @@ def attn_fwd_tile(qkv_ptr, o_ptr, lse_ptr, seed_ptr, pid_m, pid_bh,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         kv_mask = mask_d[:, None] & mask_n[None, :]
-        kt = tl.load(base[:, None] + A * s_qc + offs_n[None, :].to(tl.int64) * s_qn, mask=kv_mask, other=0.0)
+        kv_off = offs_n[None, :].to(tl.int64) * s_n + offs_d[:, None]
+        kt = tl.load(q_base + H * HP + kv_off, mask=kv_mask, other=0.0)
         qk = _dot(q, kt, DOT_F32, PREC) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -56,127 +67,146 @@ def attn_fwd_tile(qkv_ptr, o_ptr, lse_ptr, seed_ptr, pid_m, pid_bh,
         if DROPOUT:
             kept = keep(seed_ptr, 0, row_off[:, None] + offs_n[None, :], p_drop)
             p = tl.where(kept, p / (1.0 - p_drop), 0.0)
-        vt = tl.load(base[:, None] + 2 * A * s_qc + offs_n[None, :].to(tl.int64) * s_qn, mask=kv_mask, other=0.0)
+        vt = tl.load(q_base + 2 * H * HP + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), tl.trans(vt), DOT_F32, PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
-    o_ptrs = o_ptr + b * s_ob + offs_m[:, None].to(tl.int64) * s_on + (h * HD + offs_d)[None, :] * s_oc
+    o_ptrs = o_ptr + (b * N + offs_m[:, None]) * (H * HP) + h * HP + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
-def attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, HD, s_ob, s_on, s_oc, s_db, s_dn, s_dc,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta[b, h, i] = sum_d dO * O: the softmax backward's row term (dropout leaves it unchanged)."""
-    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # B*H on axis 0: no 65535 limit
+def attn_bwd_kernel(qkv_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, dq_ptr, seed_ptr,
+                    N, H, sm_scale, qk_scale, p_drop,
+                    HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ONE_Q_BLOCK: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+                    PREC: tl.constexpr):
+    """dQ, dK, dV of one (batch, head) into dqkv. dq_ptr: fp32 scratch (B*H, N, HP), unused if ONE_Q_BLOCK."""
+    pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_n = 3 * H * HP
+    s_o = H * HP
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N)[:, None] & (offs_d < HD)[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    cols = (h * HD + offs_d)[None, :]
-    o = tl.load(o_ptr + b * s_ob + rows * s_on + cols * s_oc, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * s_db + rows * s_dn + cols * s_dc, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
-
-
-@triton.jit
-def attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, seed_ptr,
-                         N, H, A, HD, s_qb, s_qn, s_qc, s_db, s_dn, s_dc, s_gb, s_gn, s_gc,
-                         sm_scale, qk_scale, p_drop,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
-    """dK and dV of one BLOCK_N slab of keys of one (batch, head), looping over all queries."""
-    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)  # B*H on axis 0: no 65535 limit
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < HD
-    nd_mask = mask_n[:, None] & mask_d[None, :]
-    base = qkv_ptr + b * s_qb + (h * HD + offs_d) * s_qc
-    rows_n = offs_n[:, None].to(tl.int64) * s_qn
-    k = tl.load(base[None, :] + A * s_qc + rows_n, mask=nd_mask, other=0.0)
-    v = tl.load(base[None, :] + 2 * A * s_qc + rows_n, mask=nd_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    do_base = do_ptr + b * s_db + (h * HD + offs_d) * s_dc
+    mask_d = offs_d < HP
+    q_base = qkv_ptr + b * N * s_n + h * HP
+    g_base = dqkv_ptr + b * N * s_n + h * HP
+    o_base = b * N * s_o + h * HP
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * N
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * N
+    dq_base = dq_ptr + pid_bh.to(tl.int64) * N * HP
+    # delta = rowsum(dO * O), for every query of this head (dropout leaves it unchanged)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        md = (offs_m < N)[:, None] & mask_d[None, :]
+        ptrs = o_base + offs_m[:, None].to(tl.int64) * s_o + offs_d[None, :]
+        o = tl.load(o_ptr + ptrs, mask=md, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + ptrs, mask=md, other=0.0).to(tl.float32)
+        tl.store(delta_base + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+    tl.debug_barrier()  # delta is read back by other threads
+    if ONE_Q_BLOCK:
+        offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        dm_mask = mask_d[:, None] & mask_m[None, :]
-        qt = tl.load(base[:, None] + offs_m[None, :].to(tl.int64) * s_qn, mask=dm_mask, other=0.0)
-        dot_t = tl.load(do_base[:, None] + offs_m[None, :].to(tl.int64) * s_dn, mask=dm_mask, other=0.0)
-        lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
-        pt = tl.exp2(_dot(k, qt, DOT_F32, PREC) * qk_scale - lse[None, :])
-        pt = tl.where(mask_m[None, :], pt, 0.0)
-        dpt = _dot(v, dot_t.to(v.dtype), DOT_F32, PREC)
-        if DROPOUT:
-            offs = (pid_bh.to(tl.int64) * N + offs_m[None, :]) * N + offs_n[:, None]
-            kept = keep(seed_ptr, 0, offs, p_drop)
-            pdt = tl.where(kept, pt / (1.0 - p_drop), 0.0)
-            dpt = tl.where(kept, dpt / (1.0 - p_drop), 0.0)
-        else:
-            pdt = pt
-        dv += _dot(pdt.to(v.dtype), tl.trans(dot_t).to(v.dtype), DOT_F32, PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(k.dtype), tl.trans(qt), DOT_F32, PREC)
-    g_base = dqkv_ptr + b * s_gb + offs_n[:, None].to(tl.int64) * s_gn + (h * HD + offs_d)[None, :] * s_gc
-    tl.store(g_base + A * s_gc, (dk * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=nd_mask)
-    tl.store(g_base + 2 * A * s_gc, dv.to(dqkv_ptr.dtype.element_ty), mask=nd_mask)
+        md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_n + offs_d[None, :], mask=md, other=0.0)
+        do = tl.load(do_ptr + o_base + offs_m[:, None].to(tl.int64) * s_o + offs_d[None, :], mask=md,
+                     other=0.0).to(q.dtype)
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            dq += _bwd_key_slab(q_base, g_base, seed_ptr, q, do, lse, delta, mask_m, offs_m, start_n, pid_bh,
+                                N, H, s_n, sm_scale, qk_scale, p_drop, HP, BLOCK_N, BLOCK_D, DROPOUT, DOT_F32,
+                                PREC)
+        tl.store(g_base + offs_m[:, None].to(tl.int64) * s_n + offs_d[None, :],
+                 (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=md)
+    else:
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            nd = mask_n[:, None] & mask_d[None, :]
+            kv_off = offs_n[:, None].to(tl.int64) * s_n + offs_d[None, :]
+            k = tl.load(q_base + H * HP + kv_off, mask=nd, other=0.0)
+            v = tl.load(q_base + 2 * H * HP + kv_off, mask=nd, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            not_first = start_n > 0
+            last = start_n + BLOCK_N >= N
+            for start_m in range(0, N, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < N
+                md = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * s_n + offs_d[None, :], mask=md, other=0.0)
+                do = tl.load(do_ptr + o_base + offs_m[:, None].to(tl.int64) * s_o + offs_d[None, :], mask=md,
+                             other=0.0).to(q.dtype)
+                lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+                pt, dst = _bwd_scores(k, v, q, do, lse, delta, mask_m, offs_m, offs_n, pid_bh, seed_ptr, N,
+                                      qk_scale, p_drop, DROPOUT, DOT_F32, PREC)
+                dv += _dot(pt.to(v.dtype), do, DOT_F32, PREC)
+                dk += _dot(dst.to(k.dtype), q, DOT_F32, PREC)
+                dq_part = _dot(tl.trans(dst.to(k.dtype)), k, DOT_F32, PREC)
+                acc_ptrs = dq_base + offs_m[:, None].to(tl.int64) * HP + offs_d[None, :]
+                dq_part += tl.load(acc_ptrs, mask=md & not_first, other=0.0)
+                tl.store(acc_ptrs, dq_part, mask=md & (start_n + BLOCK_N < N))
+                tl.store(g_base + offs_m[:, None].to(tl.int64) * s_n + offs_d[None, :],
+                         (dq_part * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=md & last)
+            tl.store(g_base + H * HP + kv_off, (dk * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=nd)
+            tl.store(g_base + 2 * H * HP + kv_off, dv.to(dqkv_ptr.dtype.element_ty), mask=nd)
+            tl.debug_barrier()  # this slab's dQ partials are read back by other threads
 
 
 @triton.jit
-def attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, seed_ptr,
-                       N, H, A, HD, s_qb, s_qn, s_qc, s_db, s_dn, s_dc, s_gb, s_gn, s_gc,
-                       sm_scale, qk_scale, p_drop,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
-    """dQ of one BLOCK_M slab of queries of one (batch, head), looping over all keys."""
-    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # B*H on axis 0: no 65535 limit
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _bwd_scores(k, v, q, do, lse, delta, mask_m, offs_m, offs_n, pid_bh, seed_ptr, N, qk_scale, p_drop,
+                DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """(P^T after dropout, dS^T) of a key slab x query slab, keys along rows: dS = P * (dP - delta)."""
+    pt = tl.exp2(_dot(k, tl.trans(q), DOT_F32, PREC) * qk_scale - lse[None, :])
+    pt = tl.where(mask_m[None, :], pt, 0.0)
+    dpt = _dot(v, tl.trans(do), DOT_F32, PREC)
+    if DROPOUT:
+        offs = (pid_bh.to(tl.int64) * N + offs_m[None, :]) * N + offs_n[:, None]
+        kept = keep(seed_ptr, 0, offs, p_drop)
+        dpt = tl.where(kept, dpt / (1.0 - p_drop), 0.0)
+        dst = pt * (dpt - delta[None, :])
+        pdt = tl.where(kept, pt / (1.0 - p_drop), 0.0)
+    else:
+        dst = pt * (dpt - delta[None, :])
+        pdt = pt
+    return pdt, dst
+
+
+@triton.jit
+def _bwd_key_slab(q_base, g_base, seed_ptr, q, do, lse, delta, mask_m, offs_m, start_n, pid_bh, N, H, s_n,
+                  sm_scale, qk_scale, p_drop, HP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV of one key slab against all queries (one query slab), stored; returns its dQ part."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    mask_d = offs_d < HD
-    md_mask = mask_m[:, None] & mask_d[None, :]
-    base = qkv_ptr + b * s_qb + (h * HD + offs_d) * s_qc
-    q = tl.load(base[None, :] + offs_m[:, None].to(tl.int64) * s_qn, mask=md_mask, other=0.0)
-    do = tl.load(do_ptr + b * s_db + offs_m[:, None].to(tl.int64) * s_dn + (h * HD + offs_d)[None, :] * s_dc,
-                 mask=md_mask, other=0.0).to(q.dtype)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row_off = (pid_bh.to(tl.int64) * N + offs_m) * N
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        kv_mask = mask_d[:, None] & mask_n[None, :]
-        kt = tl.load(base[:, None] + A * s_qc + offs_n[None, :].to(tl.int64) * s_qn, mask=kv_mask, other=0.0)
-        vt = tl.load(base[:, None] + 2 * A * s_qc + offs_n[None, :].to(tl.int64) * s_qn, mask=kv_mask, other=0.0)
-        p = tl.exp2(_dot(q, kt, DOT_F32, PREC) * qk_scale - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _dot(do, vt, DOT_F32, PREC)
-        if DROPOUT:
-            kept = keep(seed_ptr, 0, row_off[:, None] + offs_n[None, :], p_drop)
-            dp = tl.where(kept, dp / (1.0 - p_drop), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(q.dtype), tl.trans(kt), DOT_F32, PREC)
-    tl.store(dqkv_ptr + b * s_gb + offs_m[:, None].to(tl.int64) * s_gn + (h * HD + offs_d)[None, :] * s_gc,
-             (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=md_mask)
+    nd = (offs_n < N)[:, None] & (offs_d < HP)[None, :]
+    kv_off = offs_n[:, None].to(tl.int64) * s_n + offs_d[None, :]
+    k = tl.load(q_base + H * HP + kv_off, mask=nd, other=0.0)
+    v = tl.load(q_base + 2 * H * HP + kv_off, mask=nd, other=0.0)
+    pt, dst = _bwd_scores(k, v, q, do, lse, delta, mask_m, offs_m, offs_n, pid_bh, seed_ptr, N, qk_scale,
+                          p_drop, DROPOUT, DOT_F32, PREC)
+    dv = _dot(pt.to(v.dtype), do, DOT_F32, PREC)
+    dk = _dot(dst.to(k.dtype), q, DOT_F32, PREC)
+    tl.store(g_base + H * HP + kv_off, (dk * sm_scale).to(g_base.dtype.element_ty), mask=nd)
+    tl.store(g_base + 2 * H * HP + kv_off, dv.to(g_base.dtype.element_ty), mask=nd)
+    return _dot(tl.trans(dst.to(k.dtype)), k, DOT_F32, PREC)
 
 
-MAX_HEAD_DIM = 64  # the largest BLOCK_D whose configs are compiled and checked for spills (EIT's are <= 33)
+MAX_HEAD_PAD = 64  # the largest padded head size whose configs are compiled and checked (EIT's are <= 40)
 
 
-def block_d(head_dim: int) -> int:
+def head_pad(head_dim: int) -> int:
+    """The head size in memory: rounded up to a multiple of 8 (16-byte rows in 16-bit types)."""
+    return -(-head_dim // 8) * 8
+
+
+def block_d(hp: int) -> int:
     """The in-kernel head-dimension block: a power of 2, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, triton.next_power_of_2(hp))
 
 
 def dot_options(dtype) -> dict:
@@ -186,34 +216,17 @@ def dot_options(dtype) -> dict:
             "PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
-def tiles(dtype) -> dict:
-    """Tile sizes and warps per input dtype, chosen so no config spills registers (see the AOT test):
-    fp32 runs IEEE dots on FMAs and needs smaller tiles than fp16/bf16 tensor cores."""
+def launch_attention_backward(qkv, o, do, lse, seed, dqkv, head_dim: int, p_drop: float, cfg: dict,
+                              wrap=lambda k: k):
+    """dqkv (B, N, 3, H, HP) from dO (B, N, H, HP): one program per (batch, head). cfg: BLOCK_M, BLOCK_N,
+    num_warps, num_stages (ONE_Q_BLOCK follows from N <= BLOCK_M)."""
     import torch
-    if dtype == torch.float32:  # deeper pipelines make ptxas spill a few bytes in fp32 (sm_80)
-        return dict(FWD_M=32, FWD_N=32, BWD_M=32, BWD_N=32, WARPS=4, FWD_STAGES=1, BWD_STAGES=2)
-    # 16-bit: dK/dV over 64 keys with dropout needs more than 255 registers on sm_80, so 32
-    return dict(FWD_M=64, FWD_N=64, BWD_M=32, BWD_N=32, WARPS=8, FWD_STAGES=3, BWD_STAGES=3)
-
-
-DELTA_BLOCK_M = 32
-
-
-def launch_attention_backward(qkv, o, do, lse, seed, dqkv, num_heads: int, p_drop: float, wrap=lambda k: k):
-    """dqkv (B, N, 3A) from dO (B, N, A): delta, then dK/dV per key slab, then dQ per query slab."""
-    import torch
-    B, N, A3 = qkv.shape
-    A = A3 // 3
-    HD = A // num_heads
-    BD = block_d(HD)
-    delta = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
-    wrap(attn_bwd_delta_kernel)[(B * num_heads, triton.cdiv(N, DELTA_BLOCK_M))](
-        o, do, delta, N, num_heads, HD, *o.stride(), *do.stride(), BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, num_warps=4)
-    sm_scale = HD ** -0.5
-    t = tiles(qkv.dtype)
-    common = dict(BLOCK_M=t["BWD_M"], BLOCK_N=t["BWD_N"], BLOCK_D=BD, DROPOUT=p_drop > 0,
-                  num_warps=t["WARPS"], num_stages=t["BWD_STAGES"], **dot_options(qkv.dtype))
-    args = (qkv, do, lse, delta, dqkv, seed, N, num_heads, A, HD, *qkv.stride(), *do.stride(), *dqkv.stride(),
-            sm_scale, sm_scale * LOG2E, p_drop)
-    wrap(attn_bwd_dkdv_kernel)[(B * num_heads, triton.cdiv(N, t["BWD_N"]))](*args, **common)
-    wrap(attn_bwd_dq_kernel)[(B * num_heads, triton.cdiv(N, t["BWD_M"]))](*args, **common)
+    B, N, _, H, HP = qkv.shape
+    delta = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
+    one = N <= cfg["BLOCK_M"]
+    dq = delta if one else torch.empty((B * H, N, HP), device=qkv.device, dtype=torch.float32)
+    sm_scale = head_dim ** -0.5
+    wrap(attn_bwd_kernel)[(B * H,)](
+        qkv, o, do, lse, delta, dqkv, dq, seed, N, H, sm_scale, sm_scale * LOG2E, p_drop,
+        HP=HP, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(HP), ONE_Q_BLOCK=one,
+        DROPOUT=p_drop > 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **dot_options(qkv.dtype))

@@ -123,9 +123,11 @@ def test_cpu_dropout_takes_the_reference_math():
     torch.manual_seed(5)
     out_f = fused(x, (8, 8))
     assert torch.equal(out_f, out_r)
+    D = cfg.embed_dim
     with pytest.raises(NotImplementedError, match="dropout on the CPU reference path is not supported"):
-        op.block_mixer(x, None, None, torch.randn(2, 65, 3 * cfg.embed_dim), torch.randn(96, 96),
-                       torch.randn(96), torch.ones(2), torch.zeros(1, dtype=torch.int64), 8, 8, 4, 0.1, 0.0, 0.0)
+        op.block_mixer(x, torch.ones(D), torch.zeros(D), None, torch.randn(3 * D, D), torch.randn(3 * D),
+                       torch.randn(D, D), torch.randn(D), torch.ones(2), torch.zeros(1, dtype=torch.int64), 8, 8, 4,
+                       1e-6, 0.1, 0.0, 0.0, torch.float32)
 
 
 def test_bad_input_is_refused_with_the_problem_named():
@@ -133,20 +135,23 @@ def test_bad_input_is_refused_with_the_problem_named():
     with pytest.raises(ValueError, match=r"N = 65 tokens, but 1 CLS \+ a 7x9 grid is 64"):
         fused(torch.randn(1, 65, cfg.embed_dim), (7, 9))
     x = torch.randn(2, 5, 6)
-    y = torch.randn(2, 5, 3)
-    qkv = torch.randn(2, 5, 9)
-    args = dict(conv_w=torch.randn(3, 1, 3, 3), proj_w=torch.randn(3, 3), proj_b=torch.randn(3),
-                scale=torch.ones(2), seed=torch.zeros(1, dtype=torch.int64))
+    args = dict(x=x, norm_w=torch.ones(6), norm_b=torch.zeros(6), conv_w=torch.randn(3, 1, 3, 3),
+                qkv_w=torch.randn(9, 3), qkv_b=torch.randn(9), proj_w=torch.randn(3, 3), proj_b=torch.randn(3),
+                scale=torch.ones(2), seed=torch.zeros(1, dtype=torch.int64), grid_h=2, grid_w=2, num_heads=1,
+                eps=1e-6, p_attn=0.0, p_conv=0.0, p_proj=0.0, compute_dtype=torch.float32)
 
     def call(**kw):
-        a = {**dict(x=x, y_conv=y, qkv=qkv, grid_h=2, grid_w=2, num_heads=1, p_attn=0.0, p_conv=0.0,
-                    p_proj=0.0), **args, **kw}
-        return op.block_mixer(**a)
+        return op.block_mixer(**{**args, **kw})
 
-    with pytest.raises(ValueError, match=r"conv channels 3 \+ attention channels 2"):
-        call(qkv=torch.randn(2, 5, 6))
+    assert call()[0].shape == x.shape  # the well-formed call runs
+    with pytest.raises(ValueError, match=r"conv channels 3 \+ attention channels 2 must add up to D = 6"):
+        call(qkv_w=torch.randn(6, 2), qkv_b=torch.randn(6), proj_w=torch.randn(2, 2), proj_b=torch.randn(2))
     with pytest.raises(ValueError, match=r"2 heads do not divide 3 attention channels"):
         call(num_heads=2)
+    with pytest.raises(ValueError, match=r"qkv weight/bias must be \(9, 3\) and \(9,\)"):
+        call(qkv_b=torch.randn(3))
+    with pytest.raises(ValueError, match=r"norm_w must be \(6,\)"):
+        call(norm_w=torch.ones(5))
     with pytest.raises(ValueError, match=r"scale must be float32 of shape \(2,\)"):
         call(scale=torch.ones(3))
     with pytest.raises(ValueError, match=r"conv_w must be \(3, 1, 3, 3\)"):
@@ -155,6 +160,8 @@ def test_bad_input_is_refused_with_the_problem_named():
         call(p_conv=1.0)
     with pytest.raises(ValueError, match=r"seed must be a one-element int64 tensor"):
         call(seed=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"compute_dtype must be float32, float16 or bfloat16"):
+        call(compute_dtype=torch.float64)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles the CPU path")
@@ -186,7 +193,9 @@ def test_torch_compile_fullgraph_inductor_cpu_path():
 def test_cuda_path_traces_with_fake_tensors():
     """The CUDA path (Triton kernels via wrap_triton) traced with make_fx under FakeTensorMode, in training
     mode with dropout and drop-path on: the forward graph holds the op and no host sync; the registered
-    backward (the autograd engine itself needs a real GPU) traces to the backward op with the right shapes."""
+    backward (the autograd engine itself needs a real GPU), with bf16 as the compute dtype, traces to the
+    backward op with no host sync, and inside it to the Triton kernels; the gradients have the parameters'
+    shapes and dtypes."""
     from types import SimpleNamespace
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -198,34 +207,45 @@ def test_cuda_path_traces_with_fake_tensors():
     with FakeTensorMode():
         params = {n: torch.empty(p.shape, device="cuda", requires_grad=True) for n, p in block.named_parameters()}
         x = torch.randn(4, 65, cfg.embed_dim, device="cuda", requires_grad=True)
+
         gm = make_fx(lambda x, params: torch.func.functional_call(block, params, (x, (8, 8))))(x, params)
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         assert "eit_fast.block_mixer.default" in targets
         assert "aten._local_scalar_dense.default" not in targets  # no data-dependent host sync
         node = next(n for n in gm.graph.nodes if str(n.target) == "eit_fast.block_mixer.default")
         assert node.meta["val"][0].device.type == "cuda" and tuple(node.meta["val"][0].shape) == (4, 65, 250)
-        assert node.args[-3:] == (0.15, 0.15, 0.2)  # eit_cifar's dropout rates reach the kernels
+        assert node.args[-4:] == (0.15, 0.15, 0.2, torch.float32)  # dropout rates and compute dtype reach it
 
-        C, A = block.conv_dim, block.attn_dim
-        y, qkv = torch.randn(4, 65, C, device="cuda"), torch.randn(4, 65, 3 * A, device="cuda")
-        inputs = (x, y, params["eit_t.conv1.weight"], qkv, params["attn.proj.weight"], params["attn.proj.bias"],
-                  torch.ones(4, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda"), 8, 8, 10,
-                  0.15, 0.15, 0.2)
+        p = params
+        inputs = (x, p["norm1.weight"], p["norm1.bias"], p["eit_t.conv1.weight"], p["attn.qkv.weight"],
+                  p["attn.qkv.bias"], p["attn.proj.weight"], p["attn.proj.bias"], torch.ones(4, device="cuda"),
+                  torch.zeros(1, dtype=torch.int64, device="cuda"), 8, 8, 10, 1e-6, 0.15, 0.15, 0.2, torch.bfloat16)
         ctx = SimpleNamespace(save_for_backward=lambda *t: setattr(ctx, "saved_tensors", t))
 
         def backward(*tensors):
-            outputs = op.block_mixer(*tensors, *inputs[8:])
-            op._setup_context(ctx, (*tensors, *inputs[8:]), outputs)
-            return op._backward(ctx, torch.ones_like(outputs[0]), None, None)
+            outputs = op.block_mixer(*tensors, *inputs[10:])
+            op._setup_context(ctx, (*tensors, *inputs[10:]), outputs)
+            return op._backward(ctx, torch.ones_like(outputs[0]), *[None] * 7)
 
-        gm = make_fx(backward)(*inputs[:8])
+        gm = make_fx(backward)(*inputs[:10])
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         assert "eit_fast.block_mixer_backward.default" in targets
-        grads = backward(*inputs[:8])
+        assert "aten._local_scalar_dense.default" not in targets
+        grads = backward(*inputs[:10])
+        # inside the ops: the Triton kernels, no host sync (decomposed as torch.compile traces a triton_op)
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        from torch._functorch.aot_autograd import aot_function
+        graphs = []
+        aot_function(lambda *t: backward(*t)[:8], fw_compiler=lambda gm, _: graphs.append(gm) or gm)(
+            *[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs[:10]])
+        kernels = {kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+                   for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)}
     for g, t in zip(grads, inputs):
         if g is not None:
             assert g.shape == t.shape and g.device.type == "cuda" and g.dtype == t.dtype
-    assert [g is None for g in grads] == [False] * 6 + [True] * 8
+    assert [g is None for g in grads] == [False] * 8 + [True] * 10
+    assert kernels == {"layernorm_fwd_kernel", "mixer_fwd_kernel", "proj_residual_kernel", "mixer_grad_kernel",
+                       "conv_bwd_input_kernel", "conv_bwd_weight_kernel", "attn_bwd_kernel", "layernorm_bwd_kernel"}
 
 
 def test_autocast_bf16_keeps_dtypes_and_matches_reference():

@@ -26,6 +26,7 @@ OP_CASES = {
     "n197_vit_hd33": dict(B=1, grid=(14, 14), C=0, H=1, hd=33),
     "n50_conv_only": dict(B=2, grid=(7, 7), C=7, H=1, hd=0),
     "n65_hd2_noncontig": dict(B=1, grid=(8, 8), C=6, H=2, hd=2, noncontig=True),
+    "n26_hd4_one_query_slab": dict(B=2, grid=(5, 5), C=6, H=2, hd=4),
 }
 SLOW_OP_CASES = {
     "eit_cifar_l1": dict(B=2, grid=(8, 8), C=150, H=10, hd=10),
@@ -42,6 +43,9 @@ DROPOUT_CASES = {
     "dropout_n65": dict(B=2, grid=(8, 8), C=24, H=3, hd=8, ps=(0.15, 0.15, 0.2)),
     "dropout_n2_attn_only": dict(B=2, grid=(1, 1), C=0, H=2, hd=3, ps=(0.5, 0.0, 0.3)),
 }
+# every shipped 16-bit config, fp16 (N = 65: one query slab for BLOCK_M 128, several for 64; head 20 -> HP 24)
+CONFIG_CASES = {"configs_n65_hd20": dict(B=1, grid=(8, 8), C=6, H=2, hd=20)}
+SLOW_CONFIG_CASES = {"configs_n65_hd33": dict(B=1, grid=(8, 8), C=0, H=1, hd=33)}
 MODEL_CASES = {"model_eit_micro": dict(name="eit_micro", B=2)}
 SLOW_MODEL_CASES = {
     "model_eit_cifar": dict(name="eit_cifar", B=2),
@@ -49,7 +53,7 @@ SLOW_MODEL_CASES = {
     "model_vit_cifar": dict(name="vit_cifar", B=1),
     "model_eit_micro_heads3_80px": dict(name="eit_micro", B=1, img_size=80, num_heads=3),
 }
-FAST = ["poison"] + list(OP_CASES) + list(HALF_CASES) + list(DROPOUT_CASES) + list(MODEL_CASES)
+FAST = ["poison"] + list(OP_CASES) + list(HALF_CASES) + list(DROPOUT_CASES) + list(CONFIG_CASES) + list(MODEL_CASES)
 
 
 # --- the child process -------------------------------------------------------------------------------------
@@ -66,48 +70,45 @@ def _inputs(B, grid, C, H, hd, dtype, noncontig=False, seed=0):
     A = H * hd
     N, D = 1 + grid[0] * grid[1], C + H * hd
     r = lambda *s, std=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * std)
-    t = dict(x=r(B, N, D), y=r(B, N, D), conv_w=r(C, 1, 3, 3, std=1 / 3), qkv_w=r(3 * A, A, std=max(A, 1) ** -0.5),
-             qkv_b=r(3 * A, std=0.1), proj_w=r(A, A, std=max(A, 1) ** -0.5), proj_b=r(A, std=0.1), G=r(B, N, D))
+    t = dict(x=r(B, N, D) * 2 + 0.5, norm_w=1 + r(D, std=0.3), norm_b=r(D, std=0.3), conv_w=r(C, 1, 3, 3, std=1 / 3),
+             qkv_w=r(3 * A, A, std=max(A, 1) ** -0.5), qkv_b=r(3 * A, std=0.1), proj_w=r(A, A, std=max(A, 1) ** -0.5),
+             proj_b=r(A, std=0.1), G=r(B, N, D))
     t["scale"] = torch.rand(B, generator=g, dtype=torch.float64) * 2
     t["scale"][0] = 0.0 if B > 1 else 1.25  # a dropped sample
     low = {k: v.to(dtype) for k, v in t.items()}
-    if noncontig:  # same values, other strides: x (B, D, N)^T, y every other channel of a wider tensor
+    if noncontig:  # same values, other strides: x (B, D, N)^T
         low["x"] = low["x"].transpose(1, 2).contiguous().transpose(1, 2)
-        wide = torch.zeros(B, N, 2 * D, dtype=dtype)
-        wide[..., ::2] = low["y"]
-        low["y"] = wide[..., ::2]
     return t, low, N, D, A
+
+
+LEAVES = ("x", "norm_w", "norm_b", "conv_w", "qkv_w", "qkv_b", "proj_w", "proj_b")
 
 
 def _fused(low, N, D, C, A, H, grid, ps=(0.0, 0.0, 0.0), seed_value=1234, noncontig=False):
     import torch
-    import torch.nn.functional as F
     from eit_fast.ops.block_mixer import block_mixer
-    leaves = {k: low[k].detach().clone().requires_grad_() if k not in ("x", "y") else
-              low[k].detach().requires_grad_() for k in ("x", "y", "conv_w", "qkv_w", "qkv_b", "proj_w", "proj_b")}
-    y = leaves["y"]
-    qkv = F.linear(y[..., C:], leaves["qkv_w"], leaves["qkv_b"]) if A else None
-    if qkv is not None and noncontig:
-        qkv = qkv.transpose(0, 1).contiguous().transpose(0, 1)
+    leaves = {k: low[k].detach().clone().requires_grad_() if k != "x" else low[k].detach().requires_grad_()
+              for k in LEAVES}
     seed = torch.tensor([seed_value], dtype=torch.int64)
-    out, _, _ = block_mixer(leaves["x"], y[..., :C] if C else None, leaves["conv_w"] if C else None, qkv,
-                            leaves["proj_w"] if A else None, leaves["proj_b"] if A else None,
-                            low["scale"].float(), seed, grid[0], grid[1], H, *ps)
+    lv = lambda k, on: leaves[k] if on else None
+    out = block_mixer(leaves["x"], leaves["norm_w"], leaves["norm_b"], lv("conv_w", C), lv("qkv_w", A),
+                      lv("qkv_b", A), lv("proj_w", A), lv("proj_b", A), low["scale"].float(), seed, grid[0], grid[1],
+                      H, 1e-6, *ps, low["x"].dtype)[0]
     (out.float() * low["G"].float()).sum().backward()
     return out, {k: v.grad for k, v in leaves.items()}, seed
 
 
 def _reference(t, C, A, H, grid, masks=None, ps=(0.0, 0.0, 0.0), dtype=None):
-    """x + scale * mix(y) through the reference modules (float64 unless dtype), with dropout masks applied
-    by hand when given."""
+    """x + scale * mix(LayerNorm1(x)) through the reference modules (float64 unless dtype), with dropout masks
+    applied by hand when given."""
     import torch
-    from eit_fast.configs import EITConfig
+    import torch.nn.functional as F
     from eit_fast.models.eit import Attention, ConvBranch
     dtype = dtype or torch.float64
-    leaves = {k: t[k].to(dtype).detach().requires_grad_()
-              for k in ("x", "y", "conv_w", "qkv_w", "qkv_b", "proj_w", "proj_b")}
-    x, y = leaves["x"], leaves["y"]
+    leaves = {k: t[k].to(dtype).detach().requires_grad_() for k in LEAVES}
+    x = leaves["x"]
     B, N, D = x.shape
+    y = F.layer_norm(x, (D,), leaves["norm_w"], leaves["norm_b"], 1e-6)
     parts = []
     if C:
         conv = ConvBranch(C).to(dtype)
@@ -141,7 +142,8 @@ def _reference(t, C, A, H, grid, masks=None, ps=(0.0, 0.0, 0.0), dtype=None):
 
 
 def _compare(out, grads, ref_out, ref_grads, C, A):
-    keys = ["x", "y"] + (["conv_w"] if C else []) + (["qkv_w", "qkv_b", "proj_w", "proj_b"] if A else [])
+    keys = ["x", "norm_w", "norm_b"] + (["conv_w"] if C else []) + (["qkv_w", "qkv_b", "proj_w", "proj_b"] if A
+                                                                     else [])
     res = {"out": _rel(out, ref_out)}
     for k in keys:
         res["grad_" + k] = _rel(grads[k], ref_grads[k])
@@ -186,36 +188,96 @@ def case_dropout(B, grid, C, H, hd, ps):
     return res
 
 
+def _launch_all(low, grid, C, H, hd, ps, seed, cfgs, nan):
+    """Every launcher of the op in order, on NaN-poisoned outputs from `nan(*shape, dtype)`: the forward's
+    outputs and every gradient, with the tile configs `cfgs` (kind -> config)."""
+    import torch
+    from eit_fast.kernels import attention, dwconv, layernorm, mixer
+    from eit_fast.ops import block_mixer as op
+    x, dt = low["x"], low["x"].dtype
+    B, N, D = x.shape
+    M, A = B * N, D - C
+    HP, AP = op.head_pad(hd), op.head_pad(A)
+    dot = attention.dot_options(dt)
+    r = {}
+    r["y_conv"], r["y_attn"] = nan(M, C, dtype=dt), nan(M, AP, dtype=dt)
+    r["mean"], r["rstd"] = nan(M, dtype=torch.float32), nan(M, dtype=torch.float32)
+    layernorm.launch_layernorm_forward(x, low["norm_w"], low["norm_b"], r["y_conv"], r["y_attn"], r["mean"], r["rstd"],
+                                       1e-6)
+    wq, bq = op.pad_qkv(low["qkv_w"], low["qkv_b"], H, HP, AP)
+    qkv = torch.addmm(bq, r["y_attn"], wq.t()).view(B, N, 3, H, HP)
+    r["out"], r["o"], r["lse"] = nan(B, N, D, dtype=dt), nan(B, N, H, HP, dtype=dt), nan(B, H, N, dtype=torch.float32)
+    cw = low["conv_w"].contiguous()
+    mixer.launch_mixer_forward(x, r["y_conv"], cw, qkv, r["o"], r["lse"], low["scale"].float(), seed, r["out"], grid,
+                               hd, ps[0], ps[1], cfgs["attn_fwd"], op.CONV_TILE, dot)
+    wp = op.pad_proj(low["proj_w"], H, HP).contiguous()
+    mixer.launch_projection(r["o"], wp, low["proj_b"], x, low["scale"].float(), seed, r["out"], ps[2], cfgs["proj"],
+                            dot)
+    g = low["G"]
+    r["gz_conv"], r["ga"] = nan(M, C, dtype=dt), nan(M, A, dtype=dt)
+    r["dproj_b"] = mixer.launch_mixer_grad(g, low["scale"].float(), seed, r["gz_conv"], r["ga"], C, ps[1], ps[2])
+    r["dy_conv"] = nan(M, C, dtype=dt)
+    if C:
+        r["dconv_w"] = dwconv.launch_conv_backward(r["gz_conv"].view(B, N, C), r["y_conv"].view(B, N, C), cw,
+                                                   r["dy_conv"].view(B, N, C), grid)
+    do = (r["ga"] @ wp).view(B, N, H, HP)
+    r["dqkv"] = nan(B, N, 3, H, HP, dtype=dt)
+    attention.launch_attention_backward(qkv, r["o"], do, r["lse"], seed, r["dqkv"], hd, ps[0], cfgs["attn_bwd"])
+    d2 = r["dqkv"].view(M, -1)
+    r["dx"] = nan(B, N, D, dtype=dt)
+    r["dnorm_w"], r["dnorm_b"] = layernorm.launch_layernorm_backward(x, low["norm_w"], r["mean"], r["rstd"],
+                                                                     r["dy_conv"], d2 @ wq, g, r["dx"])
+    return r
+
+
 def case_poison():
     """Every launcher fills every element of NaN-poisoned outputs, with the values the op returns."""
     import torch
-    import torch.nn.functional as F
-    from eit_fast.kernels import attention, dwconv, mixer
-    from eit_fast.ops.block_mixer import block_mixer
+    from eit_fast.ops import block_mixer as op
     B, grid, C, H, hd = 2, (5, 9), 37, 3, 5
     t, low, N, D, A = _inputs(B, grid, C, H, hd, torch.float32)
-    y, x = low["y"], low["x"]
-    qkv = F.linear(y[..., C:], low["qkv_w"], low["qkv_b"])
-    scale, seed = low["scale"], torch.tensor([7], dtype=torch.int64)
+    seed = torch.tensor([7], dtype=torch.int64)
     ps = (0.1, 0.2, 0.3)
-    ref_out, ref_o, ref_lse = block_mixer(x, y[..., :C], low["conv_w"], qkv, low["proj_w"], low["proj_b"], scale,
-                                          seed, *grid, H, *ps)
-    nan = lambda *s: torch.full(s, float("nan"))
-    out, o, lse = nan(B, N, D), nan(B, N, A), nan(B, H, N)
-    mixer.launch_mixer_forward(x, y[..., :C], low["conv_w"], qkv, low["proj_w"], low["proj_b"], scale, seed,
-                               out, o, lse, grid, H, *ps)
-    g = low["G"]
-    gz = nan(B, N, D)
-    mixer.launch_mixer_grad(g, scale, seed, gz, C, ps[1], ps[2])
-    dy = nan(B, N, C)
-    dw = dwconv.launch_conv_backward(gz[..., :C], y[..., :C], low["conv_w"], dy, grid)
-    dqkv = nan(B, N, 3 * A)
-    do = gz[..., C:] @ low["proj_w"]
-    attention.launch_attention_backward(qkv, o, do, lse, seed, dqkv, H, ps[0])
-    res = {"finite": {k: bool(torch.isfinite(v).all()) for k, v in
-                      dict(out=out, o=o, lse=lse, gz=gz, dy=dy, dw=dw, dqkv=dqkv).items()}}
-    res["errors"] = {"out": _rel(out, ref_out), "o": _rel(o, ref_o), "lse": _rel(lse, ref_lse)}
+    cfgs = {k: op.configs(k, torch.float32, N, op.head_pad(hd))[0] for k in ("attn_fwd", "attn_bwd", "proj")}
+    r = _launch_all(low, grid, C, H, hd, ps, seed, cfgs, lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype))
+    out, y_conv, y_attn, mean, rstd, qkv, o, lse = op.block_mixer(
+        low["x"], low["norm_w"], low["norm_b"], low["conv_w"], low["qkv_w"], low["qkv_b"], low["proj_w"],
+        low["proj_b"], low["scale"].float(), seed, *grid, H, 1e-6, *ps, torch.float32)
+    grads = op.block_mixer_backward(low["G"], low["x"], low["norm_w"], low["conv_w"], low["qkv_w"], low["proj_w"],
+                                    y_conv, y_attn, mean, rstd, qkv, o, lse, low["scale"].float(), seed, *grid, H,
+                                    *ps, torch.float32)
+    res = {"finite": {k: bool(torch.isfinite(v).all()) for k, v in r.items()}}
+    mine = dict(out=out, y_conv=y_conv, y_attn=y_attn, mean=mean, rstd=rstd, o=o, lse=lse,
+                **dict(zip(("dx", "dnorm_w", "dnorm_b", "dconv_w", "dqkv_w", "dqkv_b", "dproj_w", "dproj_b"), grads)))
+    res["errors"] = {k: _rel(r[k], mine[k]) for k in ("out", "y_conv", "y_attn", "mean", "rstd", "o", "lse", "dx",
+                                                       "dnorm_w", "dnorm_b", "dproj_b")}
+    res["errors"]["dconv_w"] = _rel(r["dconv_w"].reshape(-1), mine["dconv_w"].reshape(-1))
     res["tol"] = 0.0  # the same kernels on the same inputs: bit for bit
+    return res
+
+
+def case_configs(B, grid, C, H, hd):
+    """Every shipped 16-bit tile config (not only the interpreter's first) computes the same function: fp16
+    launches against the float64 reference, at twice the error of the fp16 reference modules + 1e-3."""
+    import torch
+    from eit_fast.ops import block_mixer as op
+    t, low, N, D, A = _inputs(B, grid, C, H, hd, torch.float16)
+    t = {k: v.to(torch.float16).double() for k, v in t.items()}
+    seed = torch.tensor([3], dtype=torch.int64)
+    ref_out, ref_grads = _reference(t, C, A, H, grid)
+    half_out, half_grads = _reference(t, C, A, H, grid, dtype=torch.float16)
+    limit = {"out": 2 * _rel(half_out, ref_out) + 1e-3, "dx": 2 * _rel(half_grads["x"], ref_grads["x"]) + 1e-3}
+    kinds = ("attn_fwd", "attn_bwd", "proj")
+    space = {k: op.configs(k, torch.float16, N, op.head_pad(hd)) for k in kinds}
+    res = {"errors": {}, "limits": {}}
+    for i in range(max(len(v) for v in space.values())):  # each config once, the others at their first
+        cfgs = {k: space[k][min(i, len(space[k]) - 1)] for k in kinds}
+        r = _launch_all(low, grid, C, H, hd, (0.0, 0.0, 0.0), seed, cfgs,
+                        lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype))
+        name = "+".join(op.config_name(c) for c in cfgs.values())
+        res["errors"][f"out {name}"] = _rel(r["out"], ref_out)
+        res["errors"][f"dx {name}"] = _rel(r["dx"], ref_grads["x"])
+        res["limits"][f"out {name}"], res["limits"][f"dx {name}"] = limit["out"], limit["dx"]
     return res
 
 
@@ -270,7 +332,8 @@ def case_train(name="eit_micro", B=4, steps=3):
 
 def _run_case(name):
     for table, fn in ((OP_CASES, case_op), (SLOW_OP_CASES, case_op), (HALF_CASES, case_half),
-                      (DROPOUT_CASES, case_dropout), (MODEL_CASES, case_model), (SLOW_MODEL_CASES, case_model)):
+                      (DROPOUT_CASES, case_dropout), (CONFIG_CASES, case_configs), (SLOW_CONFIG_CASES, case_configs),
+                      (MODEL_CASES, case_model), (SLOW_MODEL_CASES, case_model)):
         if name in table:
             return fn(**table[name])
     return {"poison": case_poison, "train": case_train}[name]()
@@ -311,7 +374,7 @@ def _check(res):
     assert res["errors"], "no errors measured"
 
 
-@pytest.mark.parametrize("name", list(OP_CASES) + list(HALF_CASES) + list(MODEL_CASES))
+@pytest.mark.parametrize("name", list(OP_CASES) + list(HALF_CASES) + list(CONFIG_CASES) + list(MODEL_CASES))
 def test_parity(fast_results, name):
     _check(fast_results[name])
 
@@ -338,7 +401,7 @@ def test_poisoned_outputs_are_fully_written(fast_results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SLOW_OP_CASES) + list(SLOW_MODEL_CASES))
+@pytest.mark.parametrize("name", list(SLOW_OP_CASES) + list(SLOW_CONFIG_CASES) + list(SLOW_MODEL_CASES))
 def test_parity_slow(name):
     _check(_spawn([name])[name])
 

@@ -1,6 +1,6 @@
 """The fused EIT block (fast path "block_mixer"): the reference Block with its token mixer and the residual
-add run by eit_fast::block_mixer (Triton: attention + depthwise conv in one launch, projection GEMM with the
-residual in its epilogue). Same parameters and names as the reference Block, so state dicts move unchanged.
+add run by eit_fast::block_mixer (Triton: LayerNorm1, attention + depthwise conv in one launch, projection GEMM
+with the residual in its epilogue). Same parameters and names as the reference Block, so state dicts move unchanged.
 
 Provider interface for eit_fast.runtime / eit_fast.patch: availability(), applies_to(model), swap(model, auto),
 unswap(model); AutoFusedBlock is the impl="auto" class (eit_fast.autotune picks per case).
@@ -35,15 +35,14 @@ class FusedBlock(Block):
         return out + self.drop_path(self.mlp(self.norm2(out)))
 
     def mix_residual(self, x, grid: tuple[int, int]):
-        """x + drop_path(mix(norm1(x))): the block's first half, the fused part."""
+        """x + drop_path(mix(norm1(x))): the block's first half, the fused part (LayerNorm1 and the qkv GEMM
+        included, so the op takes x whole and returns its gradient whole)."""
         rates = self._rates()
         if any(rates) and x.device.type == "cpu" and not _op.interpreting():
             # The op's CPU path is the reference math without dropout masks: take the reference module's.
             return x + self.drop_path(self.mix(self.norm1(x), grid))
         B = x.shape[0]
-        y = self.norm1(x)
         c, a = self.conv_dim, self.attn_dim
-        qkv = self.attn.qkv(y[..., c:]) if a else None
         if self.training and self.drop_path.p > 0:  # the reference DropPath's draw, per sample
             keep = 1.0 - self.drop_path.p
             scale = x.new_empty((B, 1, 1), dtype=torch.float32).bernoulli_(keep).div_(keep).reshape(B)
@@ -55,11 +54,16 @@ class FusedBlock(Block):
             seed = torch.zeros(1, device=x.device, dtype=torch.int64)
         if self.debug_masks:
             self.last_dropout = dict(seed=seed, batch=B, tokens=x.shape[1], rates=rates)
-        proj_w = self.attn.proj.weight.to(qkv.dtype) if a else None
-        out, _, _ = _op.block_mixer(x, y[..., :c] if c else None, self.eit_t.conv1.weight if c else None, qkv,
-                                    proj_w, self.attn.proj.bias if a else None, scale, seed, int(grid[0]),
-                                    int(grid[1]), self.attn.num_heads if a else 1, *rates)
-        return out
+        dev = x.device.type
+        # The matrix operands' dtype: what the reference's autocast would round them to.
+        cd = torch.get_autocast_dtype(dev) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) \
+            else x.dtype
+        attn = self.attn if a else None
+        out = _op.block_mixer(x, self.norm1.weight, self.norm1.bias, self.eit_t.conv1.weight if c else None,
+                              attn.qkv.weight if a else None, attn.qkv.bias if a else None,
+                              attn.proj.weight if a else None, attn.proj.bias if a else None, scale, seed,
+                              int(grid[0]), int(grid[1]), attn.num_heads if a else 1, self.norm1.eps, *rates, cd)
+        return out[0]
 
     def dropout_masks(self) -> dict:
         """Keep masks of the last forward (needs debug_masks = True): attn (B, H, N, N), conv (B, N, C),
