@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .deploy.formats import FORMATS
-from .deploy.onnx import DEFAULT_OPSET
+from .deploy.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
 def default_output(source: Path, suffix: str, ema: bool) -> Path:
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                              "top-1 accuracies")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch of the checks (default 32)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}; 17 is the lowest, for LayerNormalization)")
+                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     args = parser.parse_args(argv)
     try:
         check_ranges(args, {"batch_size": POSITIVE, "opset": POSITIVE})

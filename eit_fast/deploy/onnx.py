@@ -5,8 +5,9 @@ ONNX translations of the custom ops: the reference modules are the oracle the fu
 against, so exporting them needs no second implementation of the math in ONNX script to keep in step
 (docs/design.md section 3). The graph holds standard ONNX operators only (Conv, MaxPool, MatMul, Softmax,
 LayerNormalization, ...), with a dynamic batch, and a dynamic height and width for models built with
-dynamic_img_size. Opset 18 by default (LayerNormalization needs 17); onnxruntime runs 17 up to the newest
-opset the onnx package knows.
+dynamic_img_size. Opset 18 by default (torch's exporter's own; LayerNormalization needs 17); 17 to 25 are
+accepted, the range tested with torch 2.14.1 and onnxruntime 1.32 (from 26 on the exporter writes Gelu
+nodes that onnxruntime 1.32 rejects).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .metadata import INPUT_NAME
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17          # LayerNormalization
+MAX_OPSET = 25          # the newest that torch 2.14.1 exports and onnxruntime 1.32 runs
 STANDARD_DOMAINS = ("", "ai.onnx")
 INSTALL = "pip install 'eit_fast[onnx]' (onnx, onnxscript, onnxruntime)"
 
@@ -37,8 +39,9 @@ def missing(*packages: str) -> list[str]:
 
 
 def max_opset() -> int:
+    """MAX_OPSET, or less where the installed onnx package knows no newer opset."""
     import onnx
-    return onnx.defs.onnx_opset_version()
+    return min(MAX_OPSET, onnx.defs.onnx_opset_version())
 
 
 def check_opset(opset: int):
@@ -47,7 +50,7 @@ def check_opset(opset: int):
     top = max_opset()
     if not MIN_OPSET <= opset <= top:
         raise ExportError(f"opset {opset} is not available: eit_fast exports opset {MIN_OPSET} (LayerNormalization) "
-                          f"up to {top} (the newest this onnx package knows); the default is {DEFAULT_OPSET}")
+                          f"to {top} (the newest tested with onnxruntime); the default is {DEFAULT_OPSET}")
 
 
 def dynamic_axes(model: nn.Module) -> dict[int, str]:
