@@ -6,7 +6,7 @@ from .configs import CONFIGS, ConfigError, EITConfig, get_config, list_models
 from .factory import create_model
 from .flops import count_macs, count_params
 from .models import EIT, InputError
-from .patching import patch
+from .patching import patch, unpatch
 from .runtime import ImplError, info
 
 try:  # timm is optional: with it, every named model is registered with timm.create_model
@@ -19,5 +19,5 @@ else:
 __all__ = [
     "EIT", "EITConfig", "CONFIGS", "create_model", "get_config", "list_models", "load_checkpoint",
     "save_checkpoint", "count_params", "count_macs", "info", "CheckpointError", "ConfigError", "ImplError",
-    "InputError", "patch", "__version__",
+    "InputError", "patch", "unpatch", "__version__",
 ]

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
-from .checkpoint import CheckpointError, find_nonfinite, load_state_dict_checked, read_file, save_checked, \
-    save_safetensors
+from . import distributed, run_choices
+from .checkpoint import CheckpointError, find_nonfinite, load_state_dict_checked, read_file, save_safetensors
 from .configs import ConfigError
 from .data.arrays import DataError
 from .data.augment import MixupConfig
@@ -30,11 +27,13 @@ from .data.fingerprint import fingerprint_difference
 from .data.loader import AugmentConfig
 from .data.sampling import derive_seed
 from .ema import EMA
-from .evaluate import autocast, evaluate
+from .evaluate import EvaluationStopped, autocast, evaluate
 from .factory import create_trainable, named_config
+from .fileio import WriteError
 from .optim import make_optimizer, make_scheduler
 from .run_folder import RunFolder, list_checkpoints  # noqa: F401  (list_checkpoints: part of this module's API)
 from .runtime import ImplError
+from . import stop as stopping
 from .train_args import RECIPES, RESUME_OVERRIDABLE, build_parser, check_args, default_output, model_overrides, \
     parse_args, parse_randaugment  # noqa: F401  (RECIPES, build_parser: part of this module's API)
 
@@ -94,6 +93,12 @@ class Trainer:
 
         self.model = create_trainable(args.model, impl=args.impl, num_classes=len(self.data.classes),
                                   **overrides).to(self.device)
+        # The implementation choices (impl="auto"), made now on rank 0 at the training shape and pinned on
+        # every rank, or the checkpoint's when resuming: before the EMA copy, DDP and torch.compile.
+        saved = self.resume_state.get("impl_choices") if self.resume_state is not None else None
+        self.impl_choices = run_choices.settle(
+            self.model, (args.batch_size, self.model.cfg.in_chans, *_pair(img_size)), self.device,
+            lambda: autocast(self.device, self.amp), dist, saved=saved, folder=self.folder.path)
         self.ema = EMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
 
         self.accum = args.accum_steps
@@ -122,6 +127,10 @@ class Trainer:
         self.epoch_images = 0
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.signal = None
+        self.safe_points = stopping.SafePoints(dist.enabled)  # on every rank: under DDP it makes a group
+        self.saved = (None, 0)                  # the newest checkpoint of this run and its step
+        self.epoch_train_s, self._clock = 0.0, None  # training time of this epoch, across resumes
+        self._timed_from = 0                    # images of this epoch trained before its time was kept
         if self.resume_state is not None:
             self._restore(self.resume_state)
             self.resume_state = None
@@ -172,6 +181,10 @@ class Trainer:
         self.epoch, self.batch, self.step, self.best = ts["epoch"], ts["batch"], ts["step"], ts["best"]
         self.epoch_stats.copy_(ts["epoch_stats"])
         self.epoch_images = ts["epoch_images"]
+        self.epoch_train_s = ts.get("epoch_train_s", 0.0)
+        if "epoch_train_s" not in ts:  # an older checkpoint: time only the rest of the epoch
+            self._timed_from = self.epoch_images
+        self.saved = (self.ckpt_path, self.step)
         rngs = ts["rng"]
         if len(rngs) != self.dist.world_size:
             raise CheckpointError(f"the checkpoint was written by {len(rngs)} rank(s), this run has "
@@ -203,15 +216,17 @@ class Trainer:
                         f"steps; output {self.output}"
                         + (f"; resuming {self.ckpt_path} at epoch {self.epoch} step {self.step}"
                            if self.ckpt_path else ""))
-        previous = self._install_signal_handlers()
-        try:
-            return self._run()
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-            if self.tb is not None:
-                self.tb.close()
-            self.folder.close()
+            if self.model.impl != "reference":
+                self._print(f"impl {a.impl}: {run_choices.describe(self.impl_choices)} "
+                            f"({self.output / run_choices.FILE})")
+        with stopping.handling(raising=False) as requests:  # from here on, a stop saves a checkpoint first
+            requests.quiet, requests.unsaved = not main, self._unsaved
+            try:
+                return self._run()
+            finally:
+                if self.tb is not None:
+                    self.tb.close()
+                self.folder.close()
 
     def _run(self) -> int:
         a = self.args
@@ -221,9 +236,10 @@ class Trainer:
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            images_before = self.epoch_images
+            self._clock = t0
             finished = self._train_epoch()
-            train_time = time.perf_counter() - t0
+            self._tick()
+            self._clock = None
             if not finished:
                 self._check_health()  # the stop may come between health checks: never save a diverged state
                 self._save_checkpoint()
@@ -231,19 +247,28 @@ class Trainer:
                 self._print(f"stopped at step {self.step} ({reason}); checkpoint saved. Continue with: "
                             f"python -m eit_fast.train --resume {self.output}")
                 return 128 + self.signal if self.signal else 0
-            record = self._end_epoch(train_time, images_before)
+            try:
+                record = self._end_epoch(self.epoch_train_s, self._timed_from)
+            except EvaluationStopped:  # the epoch's training is complete: save it; a resume evaluates again
+                self._save_checkpoint()
+                self._print(f"stopped in the evaluation of epoch {self.epoch + 1} (signal {self.signal}); "
+                            f"checkpoint saved at the end of its training (step {self.step}), the resumed run "
+                            f"evaluates it again. Continue with: python -m eit_fast.train --resume {self.output}")
+                return 128 + self.signal
             last_eval = record
             self.epoch, self.batch = self.epoch + 1, 0
             self.epoch_stats.zero_()
             self.epoch_images = 0
+            self.epoch_train_s, self._timed_from = 0.0, 0
             if self.epoch % a.save_every == 0 or self.epoch == a.epochs:
                 self._save_checkpoint(record)
         if self.dist.is_main:
             meta = {"model": a.model, "config": json.dumps(self.model.cfg.to_dict()),
                     "classes": json.dumps(self.data.classes), "train_args": json.dumps(vars(a))}
-            save_safetensors(self.output / "final.safetensors", self.model, meta)
+            save_safetensors(self.output / "final.safetensors", self.model, meta, last_good=self.saved[0])
             if self.ema is not None:
-                save_safetensors(self.output / "final_ema.safetensors", self.ema.module, meta)
+                save_safetensors(self.output / "final_ema.safetensors", self.ema.module, meta,
+                                 last_good=self.saved[0])
         summary = f"done: {a.model} on {a.data}, {a.epochs} epochs, {self.step} steps in " \
                   f"{time.perf_counter() - start:.0f} s"
         if last_eval is not None:
@@ -293,7 +318,7 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{self.epoch_stats[0].item() / self.epoch_images:.4f}",
                                         lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if self._stop_now(log_now):
+                if self._stop_now():
                     return False
         finally:
             if bar is not None:
@@ -330,16 +355,39 @@ class Trainer:
                              f"nothing was saved after that. Try a lower --lr, --clip-grad 1.0 or --amp none, "
                              f"and resume from the last checkpoint in {self.output}")
 
-    def _stop_now(self, log_now: bool) -> bool:
+    def _stop_now(self) -> bool:
         a = self.args
         if a.stop_after is not None and self.step >= a.stop_after:
             return True
-        if not self.dist.enabled:
-            return self.signal is not None
-        if not log_now:  # ranks agree on a signal only at log points, so they all stop at the same step
-            return False
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=self.device)
-        return distributed.all_reduce_sum(flag).item() > 0
+        return self._safe_point()
+
+    def _safe_point(self) -> bool:
+        """Act on the stop requests all ranks agree on (eit_fast.stop): True to stop; a SIGUSR1 saves a
+        checkpoint here and goes on. Called after every step and evaluation batch, on every rank."""
+        d = self.safe_points.poll()
+        if d.stop:
+            self.signal = d.stop
+            return True
+        if d.save:
+            self._save_checkpoint()
+            self._print(f"checkpoint saved at step {self.step} (SIGUSR1); going on")
+        return False
+
+    def _tick(self):
+        """Add the training time since the last tick to the epoch's (kept in checkpoints, so that a resumed
+        epoch reports its whole time and speed)."""
+        if self._clock is not None:
+            now = time.perf_counter()
+            self.epoch_train_s += now - self._clock
+            self._clock = now
+
+    def _unsaved(self) -> str:
+        """What an exit without saving would lose now (read by the stop watcher thread)."""
+        path, step = self.saved
+        if self.step == step:
+            return f"nothing, {path} holds step {step}" if path else "nothing (no step trained yet)"
+        since = f"since {path} (step {step})" if path else "of this run (no checkpoint written yet)"
+        return f"{self.step - step} training step(s) {since}"
 
     def _end_epoch(self, train_time: float, images_before: int) -> dict:
         a = self.args
@@ -351,10 +399,10 @@ class Trainer:
                   "lr": self.scheduler.get_last_lr()[0], "images_per_s": images / train_time,
                   "epoch_time_s": train_time}
         if (self.epoch + 1) % a.eval_every == 0 or self.epoch + 1 == a.epochs:
-            r = evaluate(self.model, self.data.val, self.device, self.amp)
+            r = evaluate(self.model, self.data.val, self.device, self.amp, stop=self._safe_point)
             record.update(val_loss=r["loss"], val_top1=r["top1"], val_top5=r["top5"], eval_time_s=r["seconds"])
             if self.ema is not None:
-                r = evaluate(self.ema.module, self.data.val, self.device, self.amp)
+                r = evaluate(self.ema.module, self.data.val, self.device, self.amp, stop=self._safe_point)
                 record.update(ema_val_loss=r["loss"], ema_val_top1=r["top1"], ema_val_top5=r["top5"])
             if self.best is None or record["val_top1"] > self.best["top1"]:
                 self.best = {"top1": record["val_top1"], "epoch": self.epoch + 1}
@@ -379,10 +427,12 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, record: dict | None = None):
         self._refuse_nonfinite()
+        self._tick()
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         rngs = distributed.all_gather_objects(rng)
         if not self.dist.is_main:
+            self._share_write_outcome(None)  # rank 0 writes; every rank stops on its failure
             return
         state = {
             "model": self.model.state_dict(),
@@ -394,15 +444,29 @@ class Trainer:
                        "classes": self.data.classes},
             "train_state": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "best": self.best,
                             "epoch_stats": self.epoch_stats.cpu(), "epoch_images": self.epoch_images,
-                            "rng": rngs},
+                            "epoch_train_s": self.epoch_train_s, "rng": rngs},
             "data_fingerprint": self.data.fingerprint,
+            "impl_choices": self.impl_choices,
         }
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
-        save_checked(state, self.output / f"checkpoint-{self.step:08d}.pt")
-        if record is not None and record.get("best"):
-            save_checked(state, self.output / "best.pt")
-        self.folder.rotate(self.args.keep_last)
+        try:
+            path = self.folder.save_checkpoint(state, self.step, best=bool(record and record.get("best")),
+                                               keep_last=self.args.keep_last)
+        except WriteError as e:
+            self._share_write_outcome(e)
+            raise
+        self._share_write_outcome(None)
+        self.saved = (path, self.step)
+
+    def _share_write_outcome(self, error: WriteError | None):
+        """Under DDP rank 0 tells the others whether its write worked, so that all ranks stop together on a
+        full disk instead of the others waiting for it in the next collective."""
+        if not self.dist.enabled:
+            return
+        message = distributed.broadcast_object(str(error) if error is not None else None)
+        if message is not None and error is None:
+            raise WriteError(message, self.output, None)
 
     def _refuse_nonfinite(self):
         """Never save NaN/inf weights. Every rank checks and the ranks agree, so under DDP they all stop here
@@ -425,26 +489,13 @@ class Trainer:
                                                  if last else ""))
 
     # --- misc ------------------------------------------------------------------------------------------------
-    def _install_signal_handlers(self):
-        owner = os.getpid()
-
-        def handler(signum, frame):
-            if os.getpid() != owner:  # a forked DataLoader worker: the trainer process reports and stops
-                return
-            if self.signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self.signal = signum
-            if self.dist.is_main:
-                print(f"\nreceived signal {signum}: saving a checkpoint at the next step", file=sys.stderr,
-                      flush=True)
-        previous = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            previous[s] = signal.signal(s, handler)
-        return previous
-
     def _print(self, msg: str):
         if self.dist.is_main:
             print(msg, flush=True)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -459,23 +510,37 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        dist = distributed.setup(args.device)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        if not args.output and not args.resume:
-            args.output = distributed.broadcast_object(default_output(args.model))
-        return Trainer(args, explicit, dist).run()
-    except TrainError as e:  # the run failed
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (DataError, ConfigError, CheckpointError, ImplError) as e:  # it could not start
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.cleanup()
+    # Installed before any work: a stop during set-up (reading a checkpoint, decoding the data, building a
+    # cache) ends it at once, with nothing to save; Trainer.run switches to stopping at a safe point.
+    with stopping.handling(raising=True):
+        try:
+            dist = distributed.setup(args.device)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except stopping.Stopped as e:
+            return stopping.report_stopped(e, "during set-up")
+        try:
+            if not args.output and not args.resume:
+                args.output = distributed.broadcast_object(default_output(args.model))
+            return Trainer(args, explicit, dist).run()
+        except TrainError as e:  # the run failed
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (DataError, ConfigError, CheckpointError, ImplError, WriteError) as e:  # it could not start, or
+            print(f"error: {e}", file=sys.stderr)                                       # a write failed
+            return 2
+        except stopping.Stopped as e:
+            return stopping.report_stopped(e, "during set-up (before the first step)")
+        except RuntimeError as e:
+            if not (dist.enabled and distributed.peer_lost(e)):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: another rank of this run is gone (crashed, killed, or stopped alone): {first}; nothing "
+                  f"was saved after the last checkpoint in {args.resume or args.output}", file=sys.stderr)
+            return 2
+        finally:
+            distributed.cleanup()
 
 
 if __name__ == "__main__":

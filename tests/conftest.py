@@ -12,9 +12,9 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
-    """Decode caches and auto's choices go to a temporary folder, not the user's ~/.cache."""
+    """Decode caches and auto's choices go to temporary folders, not the user's ~/.cache (auto's: one per test)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
-    monkeypatch.delenv("EIT_FAST_CACHE_DIR", raising=False)
+    monkeypatch.setenv("EIT_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("autotune")))  # one per test
     monkeypatch.delenv("EIT_FAST_AUTOTUNE", raising=False)
 
 

@@ -123,7 +123,11 @@ class AutoFusedPatchEmbed(AutoSelected, FusedPatchEmbed):
                             f"stride={conv.stride[0]} pool={self.eit_p.pool.kernel_size} dim={conv.out_channels}")
 
     def cannot_run(self, args) -> str | None:
-        return _op.unsupported(args[0])
+        x = args[0]
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):  # the dtype the fused forward computes in
+            x = x.new_empty(0, dtype=torch.get_autocast_dtype(dev))
+        return _op.unsupported(x)
 
 
 def swap(model, auto: bool = False) -> int:
