@@ -62,13 +62,22 @@ def spread_batches(loader, images: int, batch_size: int):
     yield from x.split(batch_size)
 
 
+def write_outputs(results: dict, out: Path):
+    """analysis.json and analysis.png, each written atomically (eit_fast.fileio)."""
+    from .analysis import plot
+    from .fileio import atomic_write, atomic_write_text
+
+    def write_png(tmp: str):
+        import matplotlib
+        with matplotlib.rc_context({"savefig.format": "png"}), open(tmp, "wb") as f:  # a file object: the
+            plot(results, f)                                                       # name ends in .tmp
+    atomic_write_text(out / "analysis.json", json.dumps(results, indent=1), what="analysis results")
+    atomic_write(out / "analysis.png", write_png, what="analysis plot")
+
+
 def main(argv=None) -> int:
-    from .analysis import analyze, plot
-    from .checkpoint import CheckpointError
-    from .configs import ConfigError
-    from .data.arrays import DataError
-    from .data.build import DataSpec, build_data
-    from .settings import resolve_device
+    from . import stop
+    from .analysis import analyze
 
     parser = argparse.ArgumentParser(prog="python -m eit_fast.analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -91,6 +100,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, help="'synthetic' only: the data seed (default: the "
                                                  "checkpoint's training seed, else 0)")
     args = parser.parse_args(argv)
+    with stop.handling(raising=True):  # SIGTERM/SIGINT: stop at once (nothing is written until the end)
+        try:
+            return _analyze(args, analyze)
+        except stop.Stopped as e:
+            return stop.report_stopped(e, "during the analysis")
+
+
+def _analyze(args, analyze) -> int:
+    from .checkpoint import CheckpointError
+    from .configs import ConfigError
+    from .data.arrays import DataError
+    from .data.build import DataSpec, build_data
+    from .settings import resolve_device
+
     labels = args.label or [Path(s).stem if os.path.exists(s) else s for s in args.sources]
     try:
         if len(labels) != len(args.sources):
@@ -121,10 +144,7 @@ def main(argv=None) -> int:
                                for e in r["layers"])
             print(f"{label}: {r['images']} images; mean attention distance per layer (px): {layers}")
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "analysis.json", "w") as f:
-            json.dump(results, f, indent=1)
-        plot(results, out / "analysis.png")
+        write_outputs(results, out)
     except (CheckpointError, ConfigError, DataError, ValueError, ImportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

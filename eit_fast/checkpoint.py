@@ -18,13 +18,14 @@ import json
 import os
 import pickle
 import pickletools
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+
+from .fileio import atomic_write
 
 FORMAT = "eit_fast"
 FORMAT_VERSION = 2  # 2: a "checksum" entry (SHA-256 of the rest); version 1 files have none
@@ -315,26 +316,22 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
 
 # --- writing -------------------------------------------------------------------------------------------------
 
-def atomic_save(write, path: str | os.PathLike):
-    """Call write(tmp_path), fsync it, then rename over `path`: a crash never leaves a partial file there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def atomic_save(write, path: str | os.PathLike, what: str = "checkpoint", size_hint: int | None = None,
+                last_good: str | os.PathLike | None = None):
+    """Call write(tmp_path), fsync it, then rename over `path`: a crash never leaves a partial file there.
+    eit_fast.fileio.atomic_write under its older name; a failed write is a fileio.WriteError."""
+    atomic_write(path, write, what, size_hint, str(last_good) if last_good else None)
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in `obj`: about the size of its file, for a full-disk message."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -347,13 +344,17 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def save_checked(obj: Mapping, path: str | os.PathLike):
-    """torch.save an eit_fast dict atomically, with the checksum of its contents as its last entry."""
+def save_checked(obj: Mapping, path: str | os.PathLike, last_good: str | os.PathLike | None = None,
+                 what: str = "checkpoint"):
+    """torch.save an eit_fast dict atomically, with the checksum of its contents as its last entry.
+
+    A failed write raises fileio.WriteError naming `path`, the cause and `last_good` (a file the caller
+    knows to be intact); `path` itself keeps its previous version."""
     obj = _to_cpu(dict(obj))
     obj.pop("checksum", None)
     obj["format"], obj["format_version"] = FORMAT, FORMAT_VERSION
     obj["checksum"] = content_digest(obj)
-    atomic_save(lambda tmp: torch.save(obj, tmp), path)
+    atomic_save(lambda tmp: torch.save(obj, tmp), path, what, _nbytes(obj), last_good)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping | None = None, **extra) -> None:
@@ -365,13 +366,15 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping |
     save_checked(obj, path)
 
 
-def save_safetensors(path: str | os.PathLike, model: nn.Module, metadata: Mapping[str, str] | None = None):
-    """Export the weights atomically; the metadata records the format and a checksum of tensors and metadata."""
+def save_safetensors(path: str | os.PathLike, model: nn.Module, metadata: Mapping[str, str] | None = None,
+                     last_good: str | os.PathLike | None = None, what: str = "weights file"):
+    """Export the weights atomically; the metadata records the format and a checksum of tensors and metadata.
+    A failed write raises fileio.WriteError (see save_checked)."""
     from safetensors.torch import save_file
     sd = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     meta = {**dict(metadata or {}), "format": FORMAT}
     meta["checksum"] = _safetensors_digest(sd, meta)
-    atomic_save(lambda tmp: save_file(sd, tmp, metadata=meta), path)
+    atomic_save(lambda tmp: save_file(sd, tmp, metadata=meta), path, what, _nbytes(sd), last_good)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -71,5 +72,45 @@ def broadcast_object(obj, src: int = 0):
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    """Wait for every rank, in a Python loop: a stop request (a signal handler raising) can end the wait,
+    where a blocking barrier would hold the signal until the slowest rank arrives."""
+    if not dist.is_initialized():
+        return
+    work = dist.barrier(async_op=True)
+    while not work.is_completed():
+        time.sleep(0.02)
+    work.wait()  # raises if a rank failed
+
+
+class AsyncMax:
+    """The element-wise max over all ranks of a few integers, one round per exchange() call on every rank,
+    each call returning the previous round's result (zeros for the first). An asynchronous all-reduce on a
+    CPU (gloo) group of its own: a round costs no host-device sync, has a whole step to arrive, and never
+    queues behind the gradients. Construct it on every rank at the same point (it creates the group)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pending = None
+
+    def exchange(self, values: list[int]) -> list[int]:
+        if self.group is None:
+            return [int(v) for v in values]
+        result = [0] * self.n
+        if self._pending is not None:
+            work, box = self._pending
+            work.wait()
+            result = [int(v) for v in box.tolist()]
+        box = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        self._pending = (dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.group, async_op=True), box)
+        return result
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether an exception says another rank is gone (crashed, killed, or stopped without us)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+        "Broken pipe", "ProcessGroupGloo", "ProcessGroupNCCL"))

@@ -175,22 +175,34 @@ def test_stop_after_must_lie_ahead_of_the_resumed_step(tmp_path, capsys):
     assert not (tmp_path / "run.lock").exists()
 
 
-def test_signal_is_reported_once_and_only_by_the_trainer_process(tmp_path, capsys, monkeypatch):
-    t = trainer(tmp_path / "run")
-    previous = t._install_signal_handlers()
-    try:
-        handler = signal.getsignal(signal.SIGINT)
-        real_pid = os.getpid()
-        monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)   # as seen from a forked DataLoader worker
-        handler(signal.SIGINT, None)
-        assert t.signal is None and capsys.readouterr().err == ""
-        monkeypatch.setattr(os, "getpid", lambda: real_pid)
-        handler(signal.SIGINT, None)
-        assert t.signal == signal.SIGINT and capsys.readouterr().err.count("received signal 2") == 1
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        t.folder.close()
+def test_signal_is_reported_once_and_only_by_the_trainer_process(capfd, monkeypatch):
+    """A forked child (a DataLoader worker) that gets the signal too (a terminal's Ctrl-C reaches the whole
+    process group) neither counts as a request of the trainer's nor writes into its signal pipe; the same
+    signal twice within a second is one request, a later one the 'stop at once'."""
+    from eit_fast import stop
+    with stop.handling(raising=False) as requests:
+        exits = []
+        monkeypatch.setattr(requests, "_exit_now", exits.append)
+        pid = os.fork()
+        if pid == 0:  # the "worker"
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        time.sleep(0.5)
+        assert requests.stop == 0 and "received signal" not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while not requests.stop:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        requests._on_signal(signal.SIGINT)   # the same request delivered twice: counted once
+        assert exits == []
+        requests._first_at -= stop.DUPLICATE_WINDOW_S
+        requests._on_signal(signal.SIGINT)
+        assert exits == [signal.SIGINT]
+    assert requests.stop == signal.SIGINT
+    assert capfd.readouterr().err.count("received signal 2 (SIGINT): stopping at the next safe point") == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 # --- numeric flags and YAML -----------------------------------------------------------------------------------

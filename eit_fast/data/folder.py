@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,9 +95,20 @@ def decode_images(paths: Sequence[str | os.PathLike], img_size: Optional[int] = 
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     out: Optional[np.ndarray] = None
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+    # Set when the main thread leaves (an error, or a stop request raised by a signal handler): the chunks
+    # under way stop after their current image instead of decoding the rest for nothing.
+    cancelled = threading.Event()
+
+    def decode_chunk(chunk):
+        arrays = []
+        for p in chunk:
+            if cancelled.is_set():
+                return arrays
+            arrays.append(_decode_one(Path(p), img_size))
+        return arrays
     try:
         i = 0
-        for arrays in pool.map(lambda chunk: [_decode_one(Path(p), img_size) for p in chunk], chunks):
+        for arrays in pool.map(decode_chunk, chunks):
             for arr in arrays:
                 if out is None:
                     out = np.empty((len(paths), 3, arr.shape[0], arr.shape[1]), dtype=np.uint8)
@@ -109,7 +120,7 @@ def decode_images(paths: Sequence[str | os.PathLike], img_size: Optional[int] = 
                 out[i] = arr.transpose(2, 0, 1)
                 i += 1
     finally:
-        # On an error, do not decode the rest of the folder for nothing.
+        cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
     assert out is not None
     return torch.from_numpy(out)
@@ -238,20 +249,16 @@ def _load_cache(path: Path, classes: list[str], labels: torch.Tensor,
 
 def _save_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str], root: Path,
                 img_size: Optional[int]) -> None:
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from ..fileio import WriteError, atomic_write
     metadata = {"format": _CACHE_FORMAT, "classes": json.dumps(classes), "root": str(root.resolve()),
                 "img_size": json.dumps(img_size), "sha256": _digest(images, labels)}
-    # Write beside the target and rename: readers never see a half-written file, and concurrent writers
-    # each finish their own temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    # Atomic (a temporary file of its own, then a rename): readers never see a half-written file, and
+    # concurrent writers each finish their own.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": images, "labels": labels}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        # The decoded data is fine; only the cache is lost, so the caller can go on.
-        warnings.warn(f"could not write the image cache {path}: {e}", stacklevel=3)
-    finally:
-        if tmp.exists():
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: save_file({"images": images, "labels": labels}, tmp, metadata=metadata),
+                     what="image cache", size_hint=images.numel() + labels.numel() * 8)
+    except WriteError as e:
+        # The decoded data is fine; only the cache is lost, so the caller goes on without it.
+        warnings.warn(f"{e}; going on without the cache (the images are decoded again next time)", stacklevel=3)

@@ -71,6 +71,14 @@ class _Base:
             return -(-self.num_samples // self.world_size) // self.batch_size
         return -(-len(eval_indices(self.num_samples, self.rank, self.world_size)) // self.batch_size)
 
+    def batches_on_every_rank(self) -> int:
+        """Batches that every rank's share holds: the points where all ranks can meet in an epoch (evaluation
+        shares differ by up to one sample, so their batch counts may differ by one)."""
+        if self.train:
+            return len(self)
+        return min(-(-len(eval_indices(self.num_samples, r, self.world_size)) // self.batch_size)
+                   for r in range(self.world_size))
+
     def _finish(self, x: torch.Tensor, labels: torch.Tensor, epoch: int, b: int) -> Batch:
         """Soft targets and Mixup/CutMix for training batches; hard labels for evaluation."""
         if not self.train:

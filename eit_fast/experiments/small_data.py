@@ -9,12 +9,19 @@ of the 10k one). A finished run is never redone; an interrupted one resumes from
 Writes OUTPUT/results.csv, OUTPUT/results.md and OUTPUT/results.png (top-1 against training images, one
 line per arm). OUTPUT/experiment.json records the settings: rerunning in the same folder must use the same
 recipe, budget, seed and data, and may add arms or subsets.
+
+Stopping: SIGTERM / SIGINT / SIGUSR1 go to the running arm once (it stops with a checkpoint, or saves one),
+and the experiment stops after it. The runs die with the experiment however it ends (even killed with
+SIGKILL, they get SIGTERM and stop with a checkpoint), and a rerun that finds a run still held by such a
+process waits for it (--no-wait refuses instead), so a killed experiment resumes with the same command.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -27,8 +34,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import stop
 from ..configs import ConfigError
 from ..data.arrays import DataError
+from ..fileio import WriteError, atomic_write, atomic_write_text, write_error
+from ..run_folder import LOCK_NAME, holder_of, wait_until_free
 
 # name -> (model, train flags). The first three are the issue's comparison; the other two the seed papers'
 # techniques (DESIGN.md 1.6) on top of it.
@@ -130,8 +140,11 @@ def resolve_data(path: str, extract_to: str | None) -> Path:
         / "eit_fast" / "data"
     target = base / f"{p.name.split('.')[0]}-{digest}"
     if not target.is_dir():  # extracted next to its place, then renamed: a kill never leaves half a tree
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=base))
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=base))
+        except OSError as e:
+            raise write_error(target, e, what="extracted data folder") from e
         try:
             with tarfile.open(p) as tar:
                 tar.extractall(tmp, filter="data")
@@ -140,8 +153,10 @@ def resolve_data(path: str, extract_to: str | None) -> Path:
             except OSError:  # another process finished first
                 if not target.is_dir():
                     raise
-        except (tarfile.TarError, OSError) as e:
+        except tarfile.TarError as e:
             raise ConfigError(f"--data {p}: cannot extract it to {base}: {e}") from e
+        except OSError as e:
+            raise write_error(target, e, what="extracted data folder", size_hint=_unpacked_size(p)) from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     for cand in [target, *sorted(x for x in target.iterdir() if x.is_dir())]:
@@ -149,6 +164,14 @@ def resolve_data(path: str, extract_to: str | None) -> Path:
             return cand
     raise ConfigError(f"--data {p}: the archive holds no train/ folder (or CIFAR python batches) at its top "
                       f"or one level down")
+
+
+def _unpacked_size(archive: Path) -> int | None:
+    try:
+        with tarfile.open(archive) as tar:
+            return sum(m.size for m in tar.getmembers())
+    except (tarfile.TarError, OSError):
+        return None
 
 
 # --- runs ----------------------------------------------------------------------------------------------------
@@ -206,19 +229,65 @@ def arm_overrides(arm: Arm, s: argparse.Namespace, data: Path) -> dict:
     return overrides
 
 
-def run_child(cmd: list[str]) -> int:
-    """Run one training to its end. The child has its own session, so a Ctrl-C reaches it once, forwarded from
-    here: a second copy would make the trainer stop without its checkpoint. SIGTERM is forwarded the same way."""
-    child = subprocess.Popen(cmd, start_new_session=True)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-    def forward(signum, frame):
-        child.send_signal(signum)
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+def _libc_prctl():
     try:
-        return child.wait()
-    finally:
-        for sig, handler in previous.items():
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the child's own watch of its parent (stop.PARENT_ENV)
+        return None
+
+
+class Runs:
+    """Runs one training at a time and routes this process's signals.
+
+    While a run goes on, SIGINT, SIGTERM and SIGUSR1 are forwarded to it once (it has its own session, so a
+    terminal's Ctrl-C does not reach it a second time: the trainer would take that for 'stop at once, without
+    saving'). Otherwise SIGINT/SIGTERM stop this process at once (stop.Stopped) and SIGUSR1 is ignored.
+    A run dies with this process however it ends: the kernel sends it SIGTERM (PR_SET_PDEATHSIG), and it
+    watches its parent too (stop.PARENT_ENV), so it stops with a checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+        self.stop_signal = 0  # the first SIGINT/SIGTERM received
+        self._prctl = _libc_prctl()
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        if signum != signal.SIGUSR1 and not self.stop_signal:
+            self.stop_signal = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+        elif signum != signal.SIGUSR1:
+            raise stop.Stopped(signum)
+
+    def run(self, cmd: list[str]) -> int:
+        """Run one training to its end; its exit code."""
+        parent, prctl = os.getpid(), self._prctl
+
+        def die_with_parent():  # in the child, before exec: only a plain C call (no locks, no imports)
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            if os.getppid() != parent:  # the parent ended before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        env = dict(os.environ, **{stop.PARENT_ENV: str(parent)})
+        self.child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, env=env)
+        try:
+            return self.child.wait()
+        finally:
+            self.child = None
 
 
 # --- cost ----------------------------------------------------------------------------------------------------
@@ -268,11 +337,11 @@ def collect(out: Path, arms: list[Arm], subsets: list[int], s: argparse.Namespac
 
 
 def write_tables(out: Path, rows: list[dict], s: argparse.Namespace):
-    with open(out / "results.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(out / "results.csv.tmp", out / "results.csv")
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=TABLE_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue(), what="results table")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"Recipe `{s.recipe}`, {s.epochs} epochs for every subset, seed {s.seed}, amp {s.amp or 'default'}; "
              f"top-1 on the whole validation split ({s.data_path}).", "",
@@ -284,8 +353,7 @@ def write_tables(out: Path, rows: list[dict], s: argparse.Namespace):
                      f"{fmt(r['top1'], '.2f')} | {fmt(r['ema_top1'], '.2f')} | {r['params'] / 1e6:.2f} | "
                      f"{r['macs'] / 1e6:.0f} | {fmt(r['train_s'], '.0f')} | {fmt(r['median_epoch_s'], '.1f')} | "
                      f"{r['status']} |")
-    (out / "results.md.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(out / "results.md.tmp", out / "results.md")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n", what="results table")
 
 
 def plot(out: Path, rows: list[dict]) -> Path | None:
@@ -308,9 +376,10 @@ def plot(out: Path, rows: list[dict]) -> Path | None:
     if ax.lines:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "results.png.tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(out / "results.png.tmp.png", out / "results.png")
+    try:
+        atomic_write(out / "results.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120), what="plot")
+    finally:
+        plt.close(fig)
     return out / "results.png"
 
 
@@ -336,9 +405,7 @@ def load_or_record_settings(out: Path, s: argparse.Namespace, arms: list[Arm]):
                 raise ExperimentError(f"{out}: arm {arm.name!r} was run as {known[arm.name]}, now {asdict(arm)}; "
                                       f"give the new one another name")
     known.update({a.name: asdict(a) for a in arms})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": mine, "arms": known}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"settings": mine, "arms": known}, indent=1), what="experiment settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="auto", choices=["reference", "fused", "auto"])
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--extract-to", help="where an archive is extracted (default ~/.cache/eit_fast/data)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse a run that another process still holds (a run of an earlier, killed experiment "
+                        "finishing its checkpoint), instead of waiting for it")
     p.add_argument("--dry-run", action="store_true", help="print the train commands and stop (writes nothing)")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables and plot from the runs finished so far, training nothing")
@@ -367,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     s = build_parser().parse_args(argv)
+    with Runs() as runs:
+        try:
+            return _experiment(s, runs)
+        except stop.Stopped as e:
+            return stop.report_stopped(e, "(no run was going)")
+
+
+def _experiment(s: argparse.Namespace, runs: Runs) -> int:
     from ..run_folder import RunFolder
     try:
         if s.epochs < 1 or any(n < 1 for n in s.subsets):
@@ -385,7 +463,7 @@ def main(argv=None) -> int:
             return 0
         lock = RunFolder(out)  # one experiment per folder at a time (each run also locks its own)
         lock.open(new_run=False)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -398,16 +476,19 @@ def main(argv=None) -> int:
                 folder = run_dir(out, arm, n)
                 if s.report_only:
                     continue
+                if not _wait_for(folder, f"[{arm.name} / {n}]", s.no_wait):
+                    failed.append(f"{arm.name}/{n} (in use by another process, and --no-wait)")
+                    continue
                 if is_finished(folder, s.epochs):
                     print(f"[{arm.name} / {n}] finished earlier: kept", flush=True)
                     continue
                 cmd = train_command(arm, n, s, data, folder)
                 print(f"[{arm.name} / {n}] " + " ".join(cmd[1:]), flush=True)
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                rc = run_child(cmd)
-                if rc in (130, 143):  # the trainer saved a checkpoint on SIGINT/SIGTERM: stop here too
+                rc = runs.run(cmd)
+                if runs.stop_signal or rc in (130, 143):  # the run stopped with its checkpoint: stop here too
                     print(f"stopped; rerun the same command to resume {folder}", file=sys.stderr)
-                    return rc
+                    return 128 + (runs.stop_signal or rc - 128)
                 if rc != 0:
                     failed.append(f"{arm.name}/{n} (exit {rc}, see its output above)")
                 rows = collect(out, arms, subsets, s, costs)
@@ -423,8 +504,27 @@ def main(argv=None) -> int:
     except (ExperimentError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         lock.close()
+
+
+def _wait_for(folder: Path, tag: str, no_wait: bool) -> bool:
+    """Wait until no process holds the run folder (a run of an earlier experiment, killed, still stopping);
+    False if one does and `no_wait`."""
+    if no_wait:
+        holder = holder_of(folder)
+        if holder is not None:
+            print(f"{tag} {folder} is in use by process {holder} (it holds {folder / LOCK_NAME}); --no-wait: "
+                  f"not waiting for it", file=sys.stderr, flush=True)
+            return False
+        return True
+    wait_until_free(folder, lambda holder: print(
+        f"{tag} waiting for process {holder}, which holds {folder / LOCK_NAME} (a run of an earlier experiment "
+        f"that was stopped or killed?); --no-wait refuses instead", flush=True))
+    return True
 
 
 if __name__ == "__main__":
