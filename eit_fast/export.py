@@ -42,17 +42,12 @@ def _shapes(shapes) -> str:
 
 
 def main(argv=None) -> int:
+    from . import stop
     from .checkpoint import CheckpointError
     from .configs import ConfigError
     from .data.arrays import DataError
-    from .deploy import ExportError, check_runtime, export_model, load_exported
-    from .deploy.base import check_output_path, dynamic_size
-    from .deploy.check import validate
-    from .deploy.onnx import check_opset
-    from .evaluate import load_model_for_eval
+    from .deploy import ExportError
     from .fileio import WriteError
-    from .run_folder import checkpoint_to_evaluate
-    from .settings import POSITIVE, check_ranges
 
     parser = argparse.ArgumentParser(prog="python -m eit_fast.export", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,51 +68,67 @@ def main(argv=None) -> int:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     args = parser.parse_args(argv)
-    try:
-        check_ranges(args, {"batch_size": POSITIVE, "opset": POSITIVE})
-        # Everything that can be refused cheaply is refused before the checkpoint is read.
-        fmt = FORMATS.get(args.format)
-        if fmt is None:
-            raise ExportError(f"argument --format: unknown format {args.format!r}; choose one of "
-                              f"{', '.join(FORMATS)}")
-        check_runtime(args.format, need_runner=args.validate is not None)
-        if args.format == "onnx":
-            check_opset(args.opset)
-        source, obj, use_ema = Path(args.checkpoint), None, args.ema
-        if source.is_dir():
-            source, obj, use_ema, why = checkpoint_to_evaluate(source, args.ema)
-            print(f"{args.checkpoint} is a run folder: exporting {source.name}, {why}", flush=True)
-        output = Path(args.output) if args.output else default_output(source, fmt.suffix, args.ema)
-        if output.exists() and source.exists() and output.resolve() == source.resolve():
-            raise ExportError(f"the output {output} is the checkpoint itself; choose another --output")
-        check_output_path(output)
-        model, run_args, classes = load_model_for_eval(str(source), args.model, use_ema, obj)
-        data = _eval_data(args.validate, model, run_args, classes, args.batch_size) if args.validate else None
-        name = args.model or run_args.get("model")
-        extra = {"source": source.name, "ema": json.dumps(bool(args.ema))}
-        if args.format == "safetensors" and run_args:  # evaluate reads the run's seed and data size from it
-            extra["train_args"] = json.dumps(run_args)
-        r = export_model(model, output, args.format, opset=args.opset, name=name, classes=classes,
-                         metadata=extra, batch_size=args.batch_size)
-        kind = f"ONNX opset {args.opset}" if args.format == "onnx" else args.format
-        if args.format != "safetensors":
-            kind += ", dynamic batch" + (", height and width" if dynamic_size(model) else "")
-        print(f"wrote {output} ({_size(r['bytes'])}, {kind})")
-        if r["check"] is not None:
-            c = r["check"]
-            print(f"checked with {fmt.what} against PyTorch on {c['images']} images ({_shapes(c['shapes'])}): "
-                  f"max abs difference {c['max_abs']:.2e}, relative {c['relative']:.2e}")
-        else:
-            print(f"note: {r['note']}", file=sys.stderr)
-        if data is not None:
-            v = validate(model, load_exported(output, args.format), data.val)
-            print(f"validated on {data.description}: PyTorch top-1 {v['top1_pytorch']:.2f}%, {args.format} "
-                  f"top-1 {v['top1_export']:.2f}%; predictions agree on {v['agree']:.2f}% of {v['images']} "
-                  f"images; max abs logit difference {v['max_abs']:.2e}")
-    except (CheckpointError, ConfigError, DataError, ExportError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    done: list[Path] = []  # the file once it is written and checked
+    with stop.handling(raising=True):  # SIGTERM/SIGINT: stop at once; a half-written export is removed
+        try:
+            _export(args, done)
+        except (CheckpointError, ConfigError, DataError, ExportError, WriteError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except stop.Stopped as e:
+            return stop.report_stopped(e, f"while validating {done[0]} (written and checked)" if done
+                                       else "before the export was written")
     return 0
+
+
+def _export(args, done: list):
+    from .deploy import ExportError, check_runtime, export_model, load_exported
+    from .deploy.base import check_output_path, dynamic_size
+    from .deploy.check import validate
+    from .deploy.onnx import check_opset
+    from .evaluate import load_model_for_eval
+    from .run_folder import checkpoint_to_evaluate
+    from .settings import POSITIVE, check_ranges
+
+    check_ranges(args, {"batch_size": POSITIVE, "opset": POSITIVE})
+    # Everything that can be refused cheaply is refused before the checkpoint is read.
+    fmt = FORMATS.get(args.format)
+    if fmt is None:
+        raise ExportError(f"argument --format: unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    check_runtime(args.format, need_runner=args.validate is not None)
+    if args.format == "onnx":
+        check_opset(args.opset)
+    source, obj, use_ema = Path(args.checkpoint), None, args.ema
+    if source.is_dir():
+        source, obj, use_ema, why = checkpoint_to_evaluate(source, args.ema)
+        print(f"{args.checkpoint} is a run folder: exporting {source.name}, {why}", flush=True)
+    output = Path(args.output) if args.output else default_output(source, fmt.suffix, args.ema)
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        raise ExportError(f"the output {output} is the checkpoint itself; choose another --output")
+    check_output_path(output)
+    model, run_args, classes = load_model_for_eval(str(source), args.model, use_ema, obj)
+    data = _eval_data(args.validate, model, run_args, classes, args.batch_size) if args.validate else None
+    extra = {"source": source.name, "ema": json.dumps(bool(args.ema))}
+    if args.format == "safetensors" and run_args:  # evaluate reads the run's seed and data size from it
+        extra["train_args"] = json.dumps(run_args)
+    r = export_model(model, output, args.format, opset=args.opset, name=args.model or run_args.get("model"),
+                     classes=classes, metadata=extra, batch_size=args.batch_size)
+    done.append(output)
+    kind = f"ONNX opset {args.opset}" if args.format == "onnx" else args.format
+    if args.format != "safetensors":
+        kind += ", dynamic batch" + (", height and width" if dynamic_size(model) else "")
+    print(f"wrote {output} ({_size(r['bytes'])}, {kind})")
+    if r["check"] is not None:
+        c = r["check"]
+        print(f"checked with {fmt.what} against PyTorch on {c['images']} images ({_shapes(c['shapes'])}): "
+              f"max abs difference {c['max_abs']:.2e}, relative {c['relative']:.2e}")
+    else:
+        print(f"note: {r['note']}", file=sys.stderr)
+    if data is not None:
+        v = validate(model, load_exported(output, args.format), data.val)
+        print(f"validated on {data.description}: PyTorch top-1 {v['top1_pytorch']:.2f}%, {args.format} top-1 "
+              f"{v['top1_export']:.2f}%; predictions agree on {v['agree']:.2f}% of {v['images']} images; "
+              f"max abs logit difference {v['max_abs']:.2e}")
 
 
 def _eval_data(data: str, model, run_args: dict, classes, batch_size: int):

@@ -79,11 +79,39 @@ def test_torch_jit_trace_skips_the_checks():
 
 def test_torch_export_of_the_fused_stem_keeps_the_custom_op():
     """The fused model is the same class with swapped modules; export sees its ops through their fake kernels."""
-    model = create_model("eit_micro", impl="auto", dynamic_img_size=True).eval()
-    if type(model.patch_embed).__name__ != "FusedPatchEmbed":
+    from eit_fast.modules import fused_patch
+    if not fused_patch.availability()[0]:
         pytest.skip("the fused stem cannot run here (eit_fast._C not built)")
+    model = create_model("eit_micro", dynamic_img_size=True).eval()
+    fused_patch.swap(model)  # the fused stem alone, always used (impl="fused" would also demand the blocks')
+    assert type(model.patch_embed) is fused_patch.FusedPatchEmbed
     x = torch.randn(2, 3, 32, 32)
     dims = {0: Dim("batch", max=64), 2: 8 * Dim("h8", min=2, max=16), 3: 8 * Dim("w8", min=2, max=16)}
     program = export(model, (x,), dynamic_shapes=(dims,))
     assert any("eit_fast.patch_projection" in str(n.target) for n in program.graph.nodes)
     assert_same(program.module(), model, {"dynamic_img_size": True})
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_export_model_of_a_fused_model_holds_the_reference_ops(fmt, tmp_path):
+    """eit_fast.deploy.export_model writes the fused model's reference math: no eit_fast op in the archive,
+    so it loads without eit_fast, and the same outputs as the fused model at other batch sizes."""
+    from eit_fast.deploy import export_model, load_exported
+    model = model_for("eit_micro", {"depth": 2, "impl": "auto"})
+    from eit_fast.modules.fused_patch import FusedPatchEmbed
+    if not isinstance(model.patch_embed, FusedPatchEmbed):
+        pytest.skip("the fused stem cannot run here (eit_fast._C not built)")
+    path = tmp_path / "m.bin"
+    result = export_model(model, path, fmt)
+    assert result["check"]["relative"] == 0.0
+    assert isinstance(model.patch_embed, FusedPatchEmbed)  # the model itself stays fused
+    loaded = load_exported(path, fmt)
+    if fmt == "exported-program":
+        ops = [str(n.target) for n in loaded.graph.nodes if n.op == "call_function"]
+    else:
+        ops = [n.kind() for n in loaded.inlined_graph.nodes()]
+    assert not [op for op in ops if "eit_fast" in op] and any("max_pool2d" in op for op in ops), ops
+    with torch.no_grad():
+        for b in (1, 3):
+            x = torch.randn(b, 3, 32, 32)
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)

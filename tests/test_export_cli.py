@@ -5,6 +5,7 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,15 +105,6 @@ def test_default_output_ema_and_safetensors_round_trip(run_copy, capsys):
     assert (run_copy / "best_ema.torchscript.pt").is_file()
 
 
-def test_the_module_runs_as_a_command(run_copy, tmp_path):
-    target = tmp_path / "out" / "weights.safetensors"
-    r = subprocess.run([sys.executable, "-m", "eit_fast.export", str(run_copy / "final.safetensors"),
-                        "--format", "safetensors", "--output", str(target)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert target.is_file() and "checked with the model rebuilt from the file" in r.stdout
-
-
 def _refused(capsys, folder, args, match):
     before = sorted(p.name for p in folder.iterdir())
     code, out, err = export_cli(capsys, *args)
@@ -167,3 +159,20 @@ def test_a_failed_check_writes_nothing(run_copy, capsys, monkeypatch):
     _refused(capsys, run_copy, [run_copy / "best.pt", "--format", "torchscript", "--output", target],
              r"the torchscript export differs from PyTorch: relative error .* > 0\.0001.*nothing was written")
     assert target.read_bytes() == b"the previous good export"
+
+
+def test_sigterm_during_the_export_leaves_nothing(run_copy):
+    """A scheduler's SIGTERM while the ONNX graph is being made: the process stops at once, saying so, and
+    neither the output nor a temporary file is left."""
+    pytest.importorskip("onnxscript")
+    target = run_copy / "stopped.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "eit_fast.export", str(run_copy), "--format", "onnx",
+                             "--output", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    first = proc.stdout.readline()  # printed just before the checkpoint is read and the export starts
+    assert "is a run folder: exporting best.pt" in first, first
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (first + out, err)
+    assert "stopped by signal 15 (SIGTERM) before the export was written" in err, err
+    assert "wrote" not in out and not target.exists() and not list(run_copy.glob(".*.tmp"))
