@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -104,6 +105,13 @@ class AsyncMax:
         box = torch.tensor([int(v) for v in values], dtype=torch.int64)
         self._pending = (dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.group, async_op=True), box)
         return result
+
+
+def short_reason(e: BaseException) -> str:
+    """The gist of a collective's error: its first sentence, without the source location."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return text.split(". ")[0]
 
 
 def peer_lost(e: BaseException) -> bool:

@@ -105,13 +105,6 @@ def load_model_for_eval(path: str, model_name: str | None, use_ema: bool, obj=No
 
 def main(argv=None) -> int:
     from . import stop
-    from .checkpoint import CheckpointError
-    from .configs import ConfigError
-    from .data.arrays import DataError
-    from .data.build import DataSpec, build_data
-    from .fileio import WriteError
-    from .run_folder import checkpoint_to_evaluate
-    from .settings import NON_NEGATIVE, POSITIVE, SEED, check_ranges, resolve_device
 
     parser = argparse.ArgumentParser(prog="python -m eit_fast.evaluate", description=__doc__, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
@@ -136,33 +129,46 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with stop.handling(raising=True):  # SIGTERM/SIGINT: stop at once (an evaluation has nothing to save)
         try:
-            check_ranges(args, {"batch_size": POSITIVE, "workers": NON_NEGATIVE, "seed": SEED,
-                                "synthetic_size": POSITIVE})
-            device = resolve_device(args.device)
-            amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-            path, obj, use_ema, shown = args.checkpoint, None, args.ema, args.checkpoint
-            if os.path.isdir(path):
-                path, obj, use_ema, why = checkpoint_to_evaluate(path, args.ema)
-                print(f"{args.checkpoint} is a run folder: evaluating {path.name}, {why}", flush=True)
-                shown = str(path)
-            model, run_args, classes = load_model_for_eval(str(path), args.model, use_ema, obj)
-            cfg = model.cfg
-            seed = args.seed if args.seed is not None else run_args.get("seed", 0)
-            synthetic_size = args.synthetic_size or run_args.get("synthetic_size", 8000)
-            spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size,
-                            workers=args.workers, synthetic_size=synthetic_size)
-            data = build_data(spec, device=device, seed=seed, train=False, classes=classes)
-            if len(data.classes) != cfg.num_classes:
-                raise DataError(f"{args.data} has {len(data.classes)} classes, the model {cfg.num_classes}")
-            if classes is None:
-                print(f"note: {shown} records no class names: labels follow the data set's own class "
-                      f"order", file=sys.stderr)
-            r = evaluate(model.to(device), data.val, device, amp)
-        except (CheckpointError, ConfigError, DataError, WriteError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _run(args)
         except stop.Stopped as e:
             return stop.report_stopped(e, "during the evaluation")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .configs import ConfigError
+    from .data.arrays import DataError
+    from .data.build import DataSpec, build_data
+    from .fileio import WriteError
+    from .run_folder import checkpoint_to_evaluate
+    from .settings import NON_NEGATIVE, POSITIVE, SEED, check_ranges, resolve_device
+
+    try:
+        check_ranges(args, {"batch_size": POSITIVE, "workers": NON_NEGATIVE, "seed": SEED,
+                            "synthetic_size": POSITIVE})
+        device = resolve_device(args.device)
+        amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+        path, obj, use_ema, shown = args.checkpoint, None, args.ema, args.checkpoint
+        if os.path.isdir(path):
+            path, obj, use_ema, why = checkpoint_to_evaluate(path, args.ema)
+            print(f"{args.checkpoint} is a run folder: evaluating {path.name}, {why}", flush=True)
+            shown = str(path)
+        model, run_args, classes = load_model_for_eval(str(path), args.model, use_ema, obj)
+        cfg = model.cfg
+        seed = args.seed if args.seed is not None else run_args.get("seed", 0)
+        synthetic_size = args.synthetic_size or run_args.get("synthetic_size", 8000)
+        spec = DataSpec(data=args.data, img_size=cfg.img_size, batch_size=args.batch_size,
+                        workers=args.workers, synthetic_size=synthetic_size)
+        data = build_data(spec, device=device, seed=seed, train=False, classes=classes)
+        if len(data.classes) != cfg.num_classes:
+            raise DataError(f"{args.data} has {len(data.classes)} classes, the model {cfg.num_classes}")
+        if classes is None:
+            print(f"note: {shown} records no class names: labels follow the data set's own class "
+                  f"order", file=sys.stderr)
+        r = evaluate(model.to(device), data.val, device, amp)
+    except (CheckpointError, ConfigError, DataError, WriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{shown}{' (EMA)' if args.ema else ''} on {data.description}")
     print(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
           f"{r['images']} images in {r['seconds']:.1f} s ({r['images'] / r['seconds']:.0f} images/s)")

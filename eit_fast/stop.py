@@ -84,6 +84,7 @@ class Requests:
         self._owner = os.getpid()
         self._parent = _parent_to_watch()
         self._parent_gone = False
+        self._raised = False
         self._closing = False
 
     # --- what the signals do (the watcher thread is the one judge of counts and times) ---------------------
@@ -124,7 +125,8 @@ class Requests:
     def _handler(self, signum, frame):
         if os.getpid() != self._owner:  # a forked DataLoader worker: the process that owns the run acts
             return
-        if self.raising and signum in STOP_SIGNALS:
+        if self.raising and signum in STOP_SIGNALS and not self._raised:
+            self._raised = True  # once: a second Stopped would break into the first one's clean-up
             raise Stopped(signum)
 
     # --- installing ---------------------------------------------------------------------------------------
@@ -173,8 +175,14 @@ class Requests:
 
 
 def _parent_to_watch() -> Optional[int]:
+    """The parent this process must not outlive: the one PARENT_ENV names, or torchrun's agent (a worker
+    whose agent is gone has no one left to stop it or to notice its failure)."""
     value = os.environ.get(PARENT_ENV, "")
-    return int(value) if value.isdigit() else None
+    if value.isdigit():
+        return int(value)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return os.getppid()
+    return None
 
 
 _active: Optional[Requests] = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -491,7 +492,12 @@ class Trainer:
     # --- misc ------------------------------------------------------------------------------------------------
     def _print(self, msg: str):
         if self.dist.is_main:
-            print(msg, flush=True)
+            try:
+                print(msg, flush=True)
+            except BrokenPipeError:  # stdout's reader ended (`| head`, a `| tee` stopped by Ctrl-C): go on
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                print(f"note: standard output is closed; the run goes on (its record: "
+                      f"{self.output / 'metrics.jsonl'})", file=sys.stderr, flush=True)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -511,36 +517,47 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Installed before any work: a stop during set-up (reading a checkpoint, decoding the data, building a
-    # cache) ends it at once, with nothing to save; Trainer.run switches to stopping at a safe point.
+    # cache) ends it at once, with nothing to save; Trainer.run switches to stopping at a safe point. A stop
+    # can arrive anywhere in set-up, also in the clean-up of an error: hence the outer handler.
     with stopping.handling(raising=True):
         try:
-            dist = distributed.setup(args.device)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _main(args, explicit)
         except stopping.Stopped as e:
-            return stopping.report_stopped(e, "during set-up")
-        try:
-            if not args.output and not args.resume:
-                args.output = distributed.broadcast_object(default_output(args.model))
-            return Trainer(args, explicit, dist).run()
-        except TrainError as e:  # the run failed
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except (DataError, ConfigError, CheckpointError, ImplError, WriteError) as e:  # it could not start, or
-            print(f"error: {e}", file=sys.stderr)                                       # a write failed
-            return 2
-        except stopping.Stopped as e:
-            return stopping.report_stopped(e, "during set-up (before the first step)")
-        except RuntimeError as e:
-            if not (dist.enabled and distributed.peer_lost(e)):
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error: another rank of this run is gone (crashed, killed, or stopped alone): {first}; nothing "
-                  f"was saved after the last checkpoint in {args.resume or args.output}", file=sys.stderr)
-            return 2
-        finally:
-            distributed.cleanup()
+            return stopping.report_stopped(e, "during set-up (reading, decoding, caching)")
+
+
+def _main(args: argparse.Namespace, explicit: set[str]) -> int:
+    try:
+        dist = distributed.setup(args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if not args.output and not args.resume:
+            args.output = distributed.broadcast_object(default_output(args.model))
+        return Trainer(args, explicit, dist).run()
+    except TrainError as e:  # the run failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (DataError, ConfigError, CheckpointError, ImplError, WriteError) as e:  # it could not start, or a
+        print(f"error: {e}", file=sys.stderr)                                       # write failed
+        return 2
+    except RuntimeError as e:
+        if not (dist.enabled and distributed.peer_lost(e)):
+            raise
+        print(f"error: another rank of this run is gone (crashed, killed, or stopped alone): "
+              f"{distributed.short_reason(e)}; {_last_checkpoint_note(args)}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+
+
+def _last_checkpoint_note(args: argparse.Namespace) -> str:
+    folder = Path(args.resume or args.output or ".")
+    folder = folder if folder.is_dir() else folder.parent
+    last = list_checkpoints(folder)
+    return f"the last checkpoint is {last[-1]}, nothing after it was saved" if last else \
+        f"{folder} holds no checkpoint yet"
 
 
 if __name__ == "__main__":

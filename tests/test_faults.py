@@ -323,6 +323,19 @@ def test_a_real_full_disk(tmp_path, small_disk):
     assert [x["epoch"] for x in metrics(tmp_path / "roomy")] == [1, 2]
 
 
+def test_a_closed_standard_output_does_not_end_the_run(tmp_path):
+    """`train ... | head -1`, or a `| tee` that a Ctrl-C ended first: the run goes on to its end."""
+    p = subprocess.Popen([sys.executable, "-m", "eit_fast.train", *TINY, *FAST, "--epochs", "1", "--output",
+                          str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
+    assert p.stdout.readline().startswith("eit_micro (reference")
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=600) == 0, err
+    assert "note: standard output is closed; the run goes on" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "final.safetensors").is_file()
+
+
 # --- evaluate --checkpoint RUN_DIR ----------------------------------------------------------------------------
 
 def test_evaluate_takes_a_run_folder(tmp_path, capsys, straight):
@@ -524,7 +537,7 @@ def test_sigterm_exits_in_time_wherever_the_run_is(tmp_path, monkeypatch, phase)
     assert p.proc.returncode == 128 + signal.SIGTERM, text
     assert "Traceback" not in text and seconds < {"train": 60, "eval": 25, "decode": 15}[phase], (seconds, text)
     if phase == "decode":
-        assert "stopped by signal 15 (SIGTERM) during set-up (before the first step): nothing to save" in text
+        assert "stopped by signal 15 (SIGTERM) during set-up (reading, decoding, caching): nothing to save" in text
         assert os.listdir(out) == ["run.lock"]
         assert not list(cache.glob("imagefolder-*")) and not list(cache.glob(".*.tmp"))
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -680,3 +693,35 @@ def test_a_rerun_waits_for_a_run_still_held_or_refuses_with_no_wait(tmp_path):
         holder.wait()
     assert runner.wait(timeout=600) == 0, log.read_text()
     assert "| micro | eit_micro | - | 16 |" in log.read_text()
+
+
+def test_a_run_stops_when_the_process_that_started_it_is_gone(tmp_path):
+    """The fallback where PR_SET_PDEATHSIG is missing: a run told to (stop.PARENT_ENV) watches its parent."""
+    log = tmp_path / "child.log"
+    child = textwrap.dedent("""
+        import sys, time
+        from eit_fast import stop
+        with stop.handling(raising=False) as requests:
+            print("ready", flush=True)
+            while not requests.stop:
+                time.sleep(0.05)
+        print("stopping on", requests.stop, flush=True)
+    """)
+    parent = textwrap.dedent("""
+        import os, subprocess, sys, time
+        log = open(sys.argv[2], "w")
+        p = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "EIT_FAST_STOP_WITH_PARENT": str(os.getpid())})
+        print(p.pid, flush=True)
+        while "ready" not in open(sys.argv[2]).read():
+            time.sleep(0.05)
+        os._exit(0)   # gone without a word to its child (no PR_SET_PDEATHSIG was set)
+    """)
+    r = subprocess.run([sys.executable, "-c", parent, child, str(log)], capture_output=True, text=True, timeout=120)
+    pid = int(r.stdout.split()[0])
+    t0 = time.monotonic()
+    while not _gone(pid):
+        assert time.monotonic() - t0 < 30, log.read_text()
+        time.sleep(0.05)
+    text = log.read_text()
+    assert "is gone: stopping as on SIGTERM" in text and "stopping on 15" in text, text

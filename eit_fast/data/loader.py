@@ -10,6 +10,7 @@ what an uninterrupted run would from batch `start` on, whatever the worker count
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -207,6 +208,15 @@ def worker_transforms(img_size: int, train: bool, aug: AugmentConfig):
     return T.Compose(ops)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int):
+    """A scheduler signals every process of a job (SLURM's scancel) and a terminal's Ctrl-C reaches the whole
+    process group; torch's workers die of SIGTERM, and the trainer would then fail on its next batch instead
+    of stopping with a checkpoint. So workers ignore stop requests: the process they serve acts on them and
+    shuts them down (and they still end by themselves when it is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class WorkerLoader(_Base):
     """Batches through DataLoader workers; `source` is a sequence of image paths or uint8 (3, H, W) tensors."""
 
@@ -222,7 +232,7 @@ class WorkerLoader(_Base):
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, drop_last=train,
             generator=torch.Generator(),
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=_leave_stop_signals_to_the_trainer)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         order = self.indices(epoch)[start * self.batch_size:].tolist()

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,6 +254,7 @@ class Runs:
     def __init__(self):
         self.child: subprocess.Popen | None = None
         self.stop_signal = 0  # the first SIGINT/SIGTERM received
+        self._first_at = 0.0
         self._prctl = _libc_prctl()
         self._previous = {}
 
@@ -265,12 +267,15 @@ class Runs:
             signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
-        if signum != signal.SIGUSR1 and not self.stop_signal:
-            self.stop_signal = signum
+        first = signum != signal.SIGUSR1 and not self.stop_signal
+        if first:
+            self.stop_signal, self._first_at = signum, time.monotonic()
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
-        elif signum != signal.SIGUSR1:
+        elif first:
             raise stop.Stopped(signum)
+        elif signum != signal.SIGUSR1 and time.monotonic() - self._first_at >= stop.DUPLICATE_WINDOW_S:
+            os._exit(128 + signum)  # a second request while this process stops alone: at once
 
     def run(self, cmd: list[str]) -> int:
         """Run one training to its end; its exit code."""
