@@ -64,7 +64,9 @@ def main(argv=None) -> int:
                         help="also run the export and PyTorch over DATA's evaluation split ('synthetic', a CIFAR "
                              "python folder, or a folder with train/ and val/ ImageFolder trees) and report both "
                              "top-1 accuracies")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch of the checks (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per batch of --validate (default 32); the check after writing runs at most "
+                             "8 and 1")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     args = parser.parse_args(argv)

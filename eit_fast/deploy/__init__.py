@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..fileio import atomic_write
 from .base import ExportError, check_output_path, reference_copy
-from .check import TOLERANCE, assert_close, check_inputs, compare, validate
+from .check import CHECK_BATCH_MAX, TOLERANCE, assert_close, check_inputs, compare, validate
 from .formats import FORMATS, get_format, read_metadata
 from .metadata import deploy_metadata
 from .onnx import DEFAULT_OPSET, INSTALL, check_opset, missing
@@ -49,7 +49,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
 
     name, classes: recorded in the metadata (eit_fast.deploy.metadata), with the preprocessing.
     metadata: extra string entries. check: load the written file and compare it with PyTorch (at batch
-    sizes batch_size and 1) before it is moved into place. ONNX: opset `opset`; the check needs onnxruntime
+    sizes min(batch_size, CHECK_BATCH_MAX) and 1) before it is moved into place. ONNX: opset `opset`; the check needs onnxruntime
     and is skipped, with a note, without it.
     """
     fmt = get_format(format)
@@ -64,7 +64,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
     def write(tmp: str):
         fmt.write(ref, tmp, meta, opset)
         if note is None:
-            r = compare(ref, fmt.load(tmp), check_inputs(ref, batch_size))
+            r = compare(ref, fmt.load(tmp), check_inputs(ref, min(batch_size, CHECK_BATCH_MAX)))
             assert_close(r, f"{format} export")
             result["check"] = r
 

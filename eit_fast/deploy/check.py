@@ -14,6 +14,7 @@ import torch.nn as nn
 from .base import ExportError, dynamic_size, in_chans, input_hw
 
 TOLERANCE = 1e-4
+CHECK_BATCH_MAX = 8  # "a few images": a large --batch-size is for --validate, not for the check
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 

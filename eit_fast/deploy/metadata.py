@@ -8,11 +8,13 @@ others (lists, numbers, booleans, the config) are JSON. Keys follow timm's pretr
   config           the model config as JSON: rebuilds the model (eit_fast.factory.model_from_config)
   classes          JSON list of class names, index = output position, when the checkpoint records them
   num_classes, input_name, output_name
-  input_size       [C, H, W] the model was built for; fixed_input_size: false when any size runs
+  input_size       [C, H, W] the model was built for; fixed_input_size: false when any size runs, down to
+                   min_input_size
   interpolation, crop_pct, crop_mode, mean, std: the evaluation transform (resize the shorter side to
                    H / crop_pct with `interpolation`, centre-crop H x W, scale to [0, 1], (x - mean) / std)
   preprocessing    the same in words
   eit_fast_version, producer
+  python -m eit_fast.export adds: source (the weights file's name), ema, and for safetensors train_args
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def data_config(model: nn.Module) -> dict:
     out["input_size"] = [in_chans(model), h, w]
     out["fixed_input_size"] = not dynamic_size(model)
     out["crop_pct"] = pc.get("crop_pct", 1.0 if max(h, w) < 128 else 0.875)
+    if "min_input_size" in pc:  # the smallest image that still gives a token (dynamic_img_size models)
+        out["min_input_size"] = list(pc["min_input_size"])
     out["mean"], out["std"] = list(out["mean"]), list(out["std"])
     return out
 
