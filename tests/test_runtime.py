@@ -57,3 +57,20 @@ def test_info_cli():
     if not torch.cuda.is_available():
         assert "block_mixer       not usable:" in r.stdout
     assert "RuntimeWarning" not in r.stderr
+
+
+BROKEN_KERNEL = r"""
+import sys, importlib.abc
+class Broken(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "eit_fast.kernels.attention":
+            raise ImportError("cannot import name 'tl_new_thing' from 'triton.language'")
+sys.meta_path.insert(0, Broken())
+import eit_fast
+print(eit_fast.info()["fast_paths"]["block_mixer"])
+"""
+
+
+def test_an_import_error_inside_the_kernels_is_reported_as_what_it_is():
+    r = subprocess.run([sys.executable, "-c", BROKEN_KERNEL], capture_output=True, text=True)
+    assert r.returncode != 0 and "tl_new_thing" in r.stderr and "not installed" not in r.stdout, r.stdout

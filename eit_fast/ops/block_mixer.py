@@ -29,6 +29,7 @@ was set before import, and otherwise the same math in plain torch (no dropout th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 from typing import Optional
 
@@ -39,13 +40,12 @@ from torch.library import triton_op, wrap_triton
 
 from eit_fast import autotune
 
-try:
+# Only a missing triton means "no kernels": an error inside eit_fast.kernels is raised as what it is.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
     from eit_fast import kernels as _k
     from eit_fast.kernels import attention as _attn, dropout as _drop, dwconv as _conv, layernorm as _ln
     from eit_fast.kernels import mixer as _mix
-    HAVE_TRITON = True
-except ImportError:  # no triton: only the CPU reference path exists
-    HAVE_TRITON = False
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 64
