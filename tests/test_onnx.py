@@ -173,7 +173,7 @@ def test_fused_blocks_export_under_the_interpreter(tmp_path):
         export_model(auto, {str(tmp_path / 'fused.onnx')!r}, "onnx", check=False)
         fused = eit_fast.create_model("eit_micro", impl="fused", depth=2).eval()  # runs the interpreted kernels
         fused.load_state_dict(auto.state_dict())
-        x = torch.randn(3, 3, 32, 32)
+        x = torch.randn(1, 3, 32, 32)  # not the traced batch (2); one image keeps the interpreted run short
         with torch.no_grad():
             ref = fused(x)
         sess = ort.InferenceSession({str(tmp_path / 'fused.onnx')!r}, providers=["CPUExecutionProvider"])
@@ -217,7 +217,15 @@ def test_missing_packages_are_named(monkeypatch):
         check_runtime("tflite")
 
 
-def test_metadata_of_a_baseline_and_a_class_count_mismatch():
+def test_a_model_eit_fast_did_not_build_is_refused(tmp_path):
+    pytest.importorskip("timm")
+    wrapped = eit_fast.create_model("eit_micro", depth=1, features_only=True, out_indices=1)
+    with pytest.raises(ExportError, match="cannot export a FeatureGetterNet"):
+        export_model(wrapped, tmp_path / "f.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_metadata_without_classes_and_a_class_count_mismatch():
     model = eit_fast.create_model("eit_micro")
     with pytest.raises(ValueError, match="3 class names for a model with 10 outputs"):
         deploy_metadata(model, classes=["a", "b", "c"])

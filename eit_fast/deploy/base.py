@@ -29,7 +29,12 @@ class ExportError(Exception):
 def reference_copy(model: nn.Module) -> nn.Module:
     """A CPU float32 copy of `model` (DDP / torch.compile wrappers removed) in eval mode with every fused
     module swapped back to its reference module; `model` itself is untouched."""
-    ref = copy.deepcopy(unwrap(model))
+    model = unwrap(model)
+    if not hasattr(model, "cfg"):
+        raise ExportError(f"cannot export a {type(model).__name__}: export takes a model eit_fast built "
+                          f"(create_model / a checkpoint), whose config says its input size; a features_only "
+                          f"wrapper is not one (export the model itself)")
+    ref = copy.deepcopy(model)
     unpatch(ref)
     return ref.to("cpu", torch.float32).eval()
 
