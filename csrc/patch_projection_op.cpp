@@ -3,7 +3,14 @@
 // (uint8, row-major in the pool window), which the two backward ops route gradients through.
 #include "patch_projection.h"
 
+#include <ATen/Context.h>
 #include <torch/library.h>
+
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
 
 namespace eit_fast {
 
@@ -55,9 +62,27 @@ PatchShape check_backward_args(const at::Tensor& grad, const at::Tensor& argmax,
   return s;
 }
 
+std::string cuda_math(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "fp16";
+    case at::kFloat: {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+      const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+      const bool tf32 = at::globalContext().allowTF32CuDNN();
+#endif
+      return tf32 ? "tf32" : "fp32";
+    }
+    default:
+      TORCH_CHECK(false, "patch_projection on CUDA supports float32, float16 and bfloat16, got ", dtype);
+  }
+}
+
 }  // namespace eit_fast
 
 TORCH_LIBRARY(eit_fast, m) {
+  m.def("patch_projection_cuda_math(ScalarType dtype) -> str", [](at::ScalarType dtype) { return eit_fast::cuda_math(dtype); });
   m.def("patch_projection(Tensor x, Tensor weight, Tensor bias, int stride, int padding, int pool) "
         "-> (Tensor, Tensor)");
   m.def("patch_projection_backward_weight(Tensor grad, Tensor argmax, Tensor x, Tensor weight, int stride, "

@@ -1,11 +1,11 @@
-// CUDA implementation of the patch projection ops: checks, device guard, current stream, fp32 accumulation
-// buffers for the gradients; the kernels themselves are behind launch.h (patch_projection.cu).
+// CUDA implementation of the patch projection ops: checks, device guard, current stream, the precision
+// rule (cuda_math), scratch memory and the fp32 gradient buffers; the kernels are behind launch.h.
+// x is read with its own strides (NCHW, channels_last or any other), never copied.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <limits>
 
 #include "../patch_projection.h"
 #include "launch.h"
@@ -13,77 +13,104 @@
 namespace eit_fast {
 namespace {
 
-cuda::DType cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::f32;
-    case at::kHalf: return cuda::DType::f16;
-    case at::kBFloat16: return cuda::DType::bf16;
-    default:
-      TORCH_CHECK(false, "patch_projection on CUDA supports float32, float16 and bfloat16, got ", t.scalar_type());
-  }
+cuda::Math math_of(const at::Tensor& x) {
+  const std::string m = cuda_math(x.scalar_type());
+  return m == "bf16" ? cuda::Math::bf16 : m == "fp16" ? cuda::Math::f16 : m == "tf32" ? cuda::Math::tf32
+                                                                                       : cuda::Math::fma;
 }
 
-// The kernels index in 32 bits.
-void check_sizes(const PatchShape& s) {
-  const int64_t limit = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(s.B * s.C * s.H * s.W < limit && s.N() * s.D < limit && s.N() * s.window() < limit,
-              "patch_projection on CUDA: tensors of more than 2^31 elements are not supported; split the batch");
+cuda::XStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+cuda::Device device_limits(const at::Tensor& on) {
+  int value = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, on.get_device());
+  TORCH_CHECK(err == cudaSuccess, "patch_projection: cannot read the device's shared-memory limit: ",
+              cudaGetErrorString(err));
+  cuda::Device d;
+  d.max_smem = size_t(value);
+  return d;
 }
 
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "patch_projection: launching the ", what, " kernel failed: ",
+void check_problem(const PatchShape& s, const cuda::XStrides& xs, const cuda::Device& dev) {
+  const char* why = cuda::refusal(s, xs, dev);
+  TORCH_CHECK(why == nullptr, "patch_projection on CUDA: ", why == nullptr ? "" : why);
+}
+
+void check_launch(const char* why, const char* what) {
+  TORCH_CHECK(why == nullptr, "patch_projection: the ", what, " kernels cannot run: ", why == nullptr ? "" : why);
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "patch_projection: launching the ", what, " kernels failed: ",
               cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
+at::Tensor scratch(size_t bytes, const at::Tensor& like) {
+  return at::empty({int64_t(bytes)}, like.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::Tensor& weight_in,
                                                 const at::Tensor& bias_in, int64_t stride, int64_t padding,
                                                 int64_t pool) {
-  const PatchShape s = check_forward_args(x_in, weight_in, bias_in, stride, padding, pool);
-  const cuda::DType dtype = cuda_dtype(x_in);
-  check_sizes(s);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const PatchShape s = check_forward_args(x, weight_in, bias_in, stride, padding, pool);
+  const cuda::Math m = math_of(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::XStrides xs = strides_of(x);
+  const cuda::Device dev = device_limits(x);
+  check_problem(s, xs, dev);
+  const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   at::Tensor out = at::empty({s.B, s.T(), s.D}, x.options());
   at::Tensor argmax = at::empty({s.B, s.T(), s.D}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, argmax};
-  check_launch(cuda::forward(dtype, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                             argmax.data_ptr<uint8_t>(), s, c10::cuda::getCurrentCUDAStream()),
+  at::Tensor work = scratch(cuda::forward_scratch(s, m), x);
+  check_launch(cuda::forward(m, x.data_ptr(), xs, weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                             argmax.data_ptr<uint8_t>(), s, work.data_ptr(), dev, c10::cuda::getCurrentCUDAStream()),
                "forward");
   return {out, argmax};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_in, const at::Tensor& argmax_in,
-                                                        const at::Tensor& x_in, const at::Tensor& weight,
+                                                        const at::Tensor& x, const at::Tensor& weight,
                                                         int64_t stride, int64_t padding, int64_t pool) {
-  const PatchShape s = check_backward_args(grad_in, argmax_in, x_in, weight, stride, padding, pool);
-  const cuda::DType dtype = cuda_dtype(x_in);
-  check_sizes(s);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous(), x = x_in.contiguous();
-  at::Tensor dweight = at::zeros({s.D, s.K()}, x.options().dtype(at::kFloat));
+  const PatchShape s = check_backward_args(grad_in, argmax_in, x, weight, stride, padding, pool);
+  const cuda::Math m = math_of(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::XStrides xs = strides_of(x);
+  const cuda::Device dev = device_limits(x);
+  check_problem(s, xs, dev);
+  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous();
+  at::Tensor dweight = at::empty({s.D, s.C, s.k, s.k}, x.options().dtype(at::kFloat));
   const at::Tensor dbias = grad.sum({0, 1}, false, at::kFloat).to(weight.scalar_type());
-  if (grad.numel() > 0) {
-    check_launch(cuda::weight_grad(dtype, grad.data_ptr(), argmax.data_ptr<uint8_t>(), x.data_ptr(),
-                                   dweight.data_ptr<float>(), s, c10::cuda::getCurrentCUDAStream()),
+  if (grad.numel() == 0) {
+    dweight.zero_();
+  } else {
+    at::Tensor work = scratch(cuda::weight_grad_scratch(s, xs, m, dev), x);
+    check_launch(cuda::weight_grad(m, grad.data_ptr(), argmax.data_ptr<uint8_t>(), x.data_ptr(), xs,
+                                   dweight.data_ptr<float>(), s, work.data_ptr(), dev,
+                                   c10::cuda::getCurrentCUDAStream()),
                  "weight-gradient");
   }
-  // The kernel sums over every window position, zero gradients included, so a non-finite input gives NaN as
-  // in the reference (0 * inf); conv positions the pool windows cut off are not summed (the reference's
-  // NaN from those is not reproduced; checking would cost a host sync per backward).
-  return {dweight.view(weight.sizes()).to(weight.scalar_type()), dbias};
+  // The kernels sum over every window position, zero gradients included, so a non-finite input gives NaN as
+  // in the reference (0 * inf); conv positions the pool windows cut off are not summed (the reference's NaN
+  // from those is not reproduced: finding them would cost a host sync per backward).
+  return {dweight.to(weight.scalar_type()), dbias};
 }
 
 at::Tensor backward_input_cuda(const at::Tensor& grad_in, const at::Tensor& argmax_in, const at::Tensor& x,
                                const at::Tensor& weight_in, int64_t stride, int64_t padding, int64_t pool) {
   const PatchShape s = check_backward_args(grad_in, argmax_in, x, weight_in, stride, padding, pool);
-  const cuda::DType dtype = cuda_dtype(x);
-  check_sizes(s);
+  // Overlapping patches meet at the pixels they share: the kernel adds there with fp32 atomics.
+  at::globalContext().alertNotDeterministic("eit_fast::patch_projection_backward_input (CUDA)");
+  const cuda::Math m = math_of(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::zeros_like(x, x.options().dtype(at::kFloat), at::MemoryFormat::Preserve);
+  const cuda::XStrides dxs = strides_of(dx);
+  const cuda::Device dev = device_limits(x);
+  check_problem(s, dxs, dev);
   const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous(), weight = weight_in.contiguous();
-  at::Tensor dx = at::zeros({s.B, s.C, s.H, s.W}, x.options().dtype(at::kFloat));
   if (grad.numel() > 0) {
-    check_launch(cuda::input_grad(dtype, grad.data_ptr(), argmax.data_ptr<uint8_t>(), weight.data_ptr(),
-                                  dx.data_ptr<float>(), s, c10::cuda::getCurrentCUDAStream()),
+    at::Tensor work = scratch(cuda::input_grad_scratch(s, m), x);
+    check_launch(cuda::input_grad(m, grad.data_ptr(), argmax.data_ptr<uint8_t>(), weight.data_ptr(),
+                                  dx.data_ptr<float>(), dxs, s, work.data_ptr(), dev,
+                                  c10::cuda::getCurrentCUDAStream()),
                  "input-gradient");
   }
   return dx.to(x.scalar_type());  // dense over channels: a non-finite weight gives NaN as in the reference

@@ -534,7 +534,7 @@ __global__ void __launch_bounds__(256, 1) forward_kernel(const FwdArgs<typename 
     }
   }
 
-  dev::cp_async_wait<0>();
+  // No copy is in flight: the loop's last wait landed the last stage, and later groups are empty.
   __syncthreads();  // every warp is done with the pipeline's shared memory: reuse it for the output tile
   unsigned char* Os = smem;
   unsigned char* As = smem + BM * L::out_pitch;
@@ -708,7 +708,6 @@ __global__ void __launch_bounds__(256, 1) weight_grad_kernel(const WgradArgs<typ
     read = read + 1 == S ? 0 : read + 1;
     write = write + 1 == S ? 0 : write + 1;
   }
-  dev::cp_async_wait<0>();
   // Each element of the partial tile is written once: (kidx row, d column) pairs as float2.
   float* out = a.ws + size_t(slice) * size_t(a.slice_stride);
   EIT_UNROLL
@@ -772,7 +771,7 @@ __global__ void __launch_bounds__(256, 1) input_grad_kernel(const DgradArgs<type
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int tile_m = int(blockIdx.x) / a.tiles_n, tile_n = int(blockIdx.x) - tile_m * a.tiles_n;
   const int n0 = tile_m * BM, k0 = tile_n * 128;
-  Tap* taps = reinterpret_cast<Tap*>(smem + L::pipeline);
+  Tap* taps = reinterpret_cast<Tap*>(smem + L::pipeline);  // read at the first window's end, after barriers
   if (tid < 128) taps[tid] = make_tap(g, k0 + tid);
 
   const int dchunks = a.Dk / BK, iters = g.pool * g.pool * dchunks;
@@ -835,7 +834,6 @@ __global__ void __launch_bounds__(256, 1) input_grad_kernel(const DgradArgs<type
       for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
     }
   }
-  __syncthreads();  // taps
   EIT_UNROLL
   for (int s = 0; s < S - 1; ++s) {
     issue(smem + s * L::stage);
@@ -874,7 +872,6 @@ __global__ void __launch_bounds__(256, 1) input_grad_kernel(const DgradArgs<type
       if (++c_wj == g.pool) { c_wj = 0; ++c_wi; }
     }
   }
-  dev::cp_async_wait<0>();
 }
 
 // ---- operand packing -------------------------------------------------------------------------------------

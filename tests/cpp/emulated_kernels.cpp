@@ -12,6 +12,8 @@
 //       bf16/f16) and writes out.bin argmax.bin dw.bin dx.bin (dw, dx fp32). Exit 4 if the orders disagree.
 //   emulated_kernels sites            runs a small case and lists every barrier and cp.async wait it passed
 //   emulated_kernels convert bf16|f16 IN OUT   fp32 values -> the emulator's 16-bit types (raw bits)
+//   emulated_kernels watchdog N       runs broken kernel N (the emulator must stop it with a message, exit 3)
+//   emulated_kernels layouts          dynamic shared memory of every kernel at K = 768 and K = 27
 #define EIT_FAST_EMULATE_CUDA 1
 #include "../../csrc/cuda/patch_projection_kernels.cuh"
 
@@ -383,6 +385,60 @@ int convert_mode(int argc, char** argv) {
   return 0;
 }
 
+// Kernels with synchronisation bugs, for the watchdog's own test.
+__global__ void exits_before_barrier(int* out) {
+  if (threadIdx.x == 17) return;  // thread 17 skips the barrier the others wait at
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+__global__ void barrier_in_one_warp(int* out) {
+  if (threadIdx.x < 32) __syncthreads();  // only warp 0 arrives
+  out[threadIdx.x] = 2;
+}
+__global__ void lane_exits_before_ldmatrix(int* out) {
+  EIT_DYNAMIC_SMEM(smem);
+  if (threadIdx.x % 32 == 5) return;
+  uint32_t r[4];
+  eit_fast::dev::ldmatrix_x4(r, smem + (threadIdx.x % 32) * 16);
+  out[threadIdx.x] = int(r[0]);
+}
+
+int watchdog_mode(int argc, char** argv) {
+  if (argc != 3) return 2;
+  std::vector<int> out(256, 0);
+  switch (std::atoi(argv[2])) {
+    case 0: emu::launch(dim3(1), dim3(256), 0, &exits_before_barrier, out.data()); break;
+    case 1: emu::launch(dim3(1), dim3(256), 0, &barrier_in_one_warp, out.data()); break;
+    case 2: emu::launch(dim3(1), dim3(64), 1024, &lane_exits_before_ldmatrix, out.data()); break;
+    default: return 2;
+  }
+  std::printf("no error detected\n");
+  return 0;
+}
+
+template <class O, class Tl>
+void print_layout(const char* math, const char* tile) {
+  std::printf("forward_kernel %s %s %zu %zu\n", math, tile, k::FwdLayout<O, Tl>::bytes(768), k::FwdLayout<O, Tl>::bytes(32));
+  std::printf("weight_grad_kernel %s %s %zu %zu\n", math, tile, k::WgradLayout<O, Tl>::bytes, k::WgradLayout<O, Tl>::bytes);
+}
+int layouts_mode() {
+  print_layout<k::Op<Math::bf16>, k::TileA>("bf16", "A");
+  print_layout<k::Op<Math::bf16>, k::TileB>("bf16", "B");
+  print_layout<k::Op<Math::bf16>, k::TileC>("bf16", "C");
+  print_layout<k::Op<Math::f16>, k::TileA>("f16", "A");
+  print_layout<k::Op<Math::f16>, k::TileB>("f16", "B");
+  print_layout<k::Op<Math::f16>, k::TileC>("f16", "C");
+  print_layout<k::Op<Math::tf32>, k::TileA>("tf32", "A");
+  print_layout<k::Op<Math::tf32>, k::TileB>("tf32", "B");
+  print_layout<k::Op<Math::tf32>, k::TileC>("tf32", "C");
+  print_layout<k::Op<Math::fma>, k::TileF>("fma", "F");
+  for (const char* m : {"bf16", "f16"})
+    std::printf("input_grad_kernel %s A %zu %zu\n", m, k::DgradLayout<k::Op<Math::bf16>>::bytes, k::DgradLayout<k::Op<Math::bf16>>::bytes);
+  std::printf("input_grad_kernel tf32 A %zu %zu\n", k::DgradLayout<k::Op<Math::tf32>>::bytes, k::DgradLayout<k::Op<Math::tf32>>::bytes);
+  std::printf("input_grad_kernel fma A %zu %zu\n", k::DgradLayout<k::Op<Math::fma>>::bytes, k::DgradLayout<k::Op<Math::fma>>::bytes);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -391,6 +447,8 @@ int main(int argc, char** argv) {
   if (mode == "run") return run_mode(argc, argv);
   if (mode == "sites") return sites_mode();
   if (mode == "convert") return convert_mode(argc, argv);
+  if (mode == "watchdog") return watchdog_mode(argc, argv);
+  if (mode == "layouts") return layouts_mode();
   std::fprintf(stderr, "unknown mode %s\n", argv[1]);
   return 2;
 }
