@@ -485,7 +485,8 @@ class Slowed:
                 "--rdzv-endpoint=localhost:0"] if torchrun else [sys.executable]
         self.proc = subprocess.Popen([*head, str(tmp_path / "harness.py"), phase, str(delay), str(self.progress),
                                       *args], stdout=open(self.out_file, "w"), stderr=open(self.err_file, "w"),
-                                     cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                                     cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                                     start_new_session=True)  # a job of its own, as a scheduler sees it
 
     def wait_for(self, line, timeout=300):
         deadline = time.monotonic() + timeout
@@ -552,6 +553,25 @@ def test_sigterm_exits_in_time_wherever_the_run_is(tmp_path, monkeypatch, phase)
         assert (ts["epoch"], ts["batch"], ts["step"]) == (0, 8, 8)
         assert max(int(x.split()[2]) for x in p.progress.read_text().splitlines() if " eval " in x) <= 4
     assert resume(out) == 0
+
+
+def test_sigterm_to_the_whole_job_stops_it_with_a_checkpoint(tmp_path):
+    """SLURM's scancel signals every process of the job, DataLoader workers too: they leave the request to the
+    trainer (torch's own workers die of SIGTERM, and the trainer then failed on its next batch)."""
+    pytest.importorskip("torchvision")
+    out = tmp_path / "run"
+    p = Slowed(tmp_path, "train", 1.0, [*TINY, *FAST, "--cache", "none", "--workers", "2", "--output", str(out)])
+    try:
+        p.wait_for("0 train 3")
+        t0 = time.monotonic()
+        os.killpg(p.proc.pid, signal.SIGTERM)
+        p.proc.wait(timeout=300)
+        seconds = time.monotonic() - t0
+    finally:
+        p.kill()
+    text = p.output()
+    assert p.proc.returncode == 128 + signal.SIGTERM and "Traceback" not in text and seconds < 60, (seconds, text)
+    assert read_file(sorted(out.glob("checkpoint-*.pt"))[-1])["train_state"]["step"] in (3, 4)
 
 
 def test_a_second_sigterm_exits_at_once_saying_what_was_not_saved(tmp_path):

@@ -373,7 +373,8 @@ def test_the_command_line_modules_print_no_traceback_for_mistakes(tmp_path):
         (["eit_fast.train", "--lr", "-0.01"], "error: argument --lr: must be > 0, got -0.01"),
         (["eit_fast.train", "--img-size", "7", "--output", str(tmp_path / "r")], "error: synthetic data: "),
         (["eit_fast.train", "--drop", "0.5", "--model", "nope"], "error: "),
-        (["eit_fast.evaluate", "--checkpoint", str(tmp_path), "--data", "synthetic"], "is a directory"),
+        (["eit_fast.evaluate", "--checkpoint", str(tmp_path), "--data", "synthetic"],
+         "is a folder without best.pt, final.safetensors or checkpoint-*.pt: not a run folder"),
     ]:
         r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
