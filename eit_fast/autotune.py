@@ -388,21 +388,34 @@ class AutoSelected:
         if torch.compiler.is_compiling():
             use_fused = self._compiled_choice(args)
         else:
-            c = _resolve(self, args)
-            _BOOK.used[c.case] = c
-            use_fused = c.impl == "fused"
-            self.__dict__.setdefault("_traced_choices", {})[self._shape_sig(args)] = use_fused
+            sig = self._shape_sig(args)
+            seen = self.__dict__.get("_traced_choices")
+            if seen is None or self.__dict__.get("_book") is not _BOOK or sig not in seen:
+                c = _resolve(self, args)  # a new case for this module (or a new book): look it up
+                _BOOK.used[c.case] = c
+                if self.__dict__.get("_book") is not _BOOK:
+                    self.__dict__["_book"], self.__dict__["_traced_choices"] = _BOOK, {}
+                self.__dict__["_traced_choices"][sig] = c.impl == "fused"
+            use_fused = self.__dict__["_traced_choices"][sig]
         return (self._fused_forward if use_fused else self._reference_forward)(self, *args)
 
     def _shape_sig(self, args) -> tuple:
+        """What the case key depends on, cheap to compute: the per-call fast lookup (and, under
+        torch.compile, the only one)."""
         x = args[0]
-        return (tuple(x.shape), x.dtype, self.training, torch.is_grad_enabled())
+        dev = x.device.type
+        ac = torch.get_autocast_dtype(dev) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
+        return (tuple(x.shape), x.dtype, ac, x.device, self.training, torch.is_grad_enabled(),
+                x.is_contiguous(), tuple(args[1]) if len(args) > 1 else ())
 
     def _compiled_choice(self, args) -> bool:
         """Under torch.compile: the choice this module made eagerly for these shapes; without one, the
         reference (measuring cannot run while tracing; `prepare` before compiling measures)."""
         choices = self.__dict__.get("_traced_choices", {})
-        return choices.get(self._shape_sig(args), False)
+        try:
+            return choices.get(self._shape_sig(args), False)
+        except TypeError:  # symbolic sizes (dynamic shapes, torch.export): fused only if it won every case
+            return bool(choices) and all(choices.values())
 
 
 def prepare(model: torch.nn.Module, example: torch.Tensor, *, train: bool = True, evaluate: bool = True,
@@ -459,11 +472,19 @@ def pin(choices: Optional[Mapping] = None) -> None:
                     c.how = "pinned"
             _BOOK.configs = dict(choices.get("configs", {}))
         _BOOK.pinned = True
+        _renew()
 
 
 def unpin() -> None:
     with _LOCK:
         _BOOK.pinned = False
+        _renew()
+
+
+def _renew():
+    """A new book object with the same contents: every module's per-call cache of choices is invalidated."""
+    global _BOOK
+    _BOOK = _Book(**{k: getattr(_BOOK, k) for k in _Book.__dataclass_fields__})
 
 
 def pick(op: str, key: str, options: Sequence[str], measure: Optional[Callable[[str], float]] = None) -> str:

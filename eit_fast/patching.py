@@ -81,3 +81,24 @@ def unpatch(model: nn.Module) -> nn.Module:
     if hasattr(model, "impl"):
         model.impl = "reference"
     return model
+
+
+def fuse_what_runs(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Swap in, always taken (no measuring), every fused path that applies to `model` and can run here, and
+    leave the others out: what impl="fused" gives where every path can run, and the "fused" path of the
+    benchmarks where some cannot. Returns (paths taken, "path: why not" for the rest)."""
+    status = fast_path_status()
+    taken, left = [], []
+    for name in FAST_PATHS:
+        mod = provider(name)
+        verdict = mod.applies_to(model) if mod is not None else None
+        if mod is None or not verdict.applies:
+            left.append(f"{name}: {status[name]['reason'] if mod is None else verdict.reason}")
+        elif not status[name]["available"]:
+            left.append(f"{name}: {status[name]['reason']}")
+        else:
+            mod.swap(model, auto=False)
+            taken.append(name)
+    if hasattr(model, "impl"):
+        model.impl = "fused" if taken else "reference"
+    return taken, left

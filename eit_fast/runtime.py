@@ -151,4 +151,6 @@ def format_info(d: dict) -> str:
     table = format_choices(sel.get("choices") if sel else None)
     if table:
         lines.append(table)
+    elif at["cached_choices"]:  # a fresh process (python -m eit_fast.info): what this machine measured before
+        lines.append(format_choices(at["cached_choices"]).replace("auto choices:", "cached auto choices:", 1))
     return "\n".join(lines)

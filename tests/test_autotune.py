@@ -292,6 +292,16 @@ def test_info_shows_each_choice_with_its_times():
     assert "auto choices:" in text and "fused 1.00 ms vs reference 3.00 ms" in text
 
 
+def test_the_info_command_lists_the_cached_choices(tmp_path):
+    with autotune.use_timer(timer(0.002, 0.004)):
+        run(stem_model())
+    env = {**os.environ}
+    r = subprocess.run([sys.executable, "-m", "eit_fast.info"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "(1 cached choices for this machine)" in r.stdout and "cached auto choices:" in r.stdout
+    assert "fused 2.00 ms vs reference 4.00 ms" in r.stdout
+
+
 def test_torch_compile_uses_the_eager_choice():
     model = stem_model()
     x = images(2)
@@ -300,6 +310,17 @@ def test_torch_compile_uses_the_eager_choice():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_with_dynamic_shapes_uses_the_choice_made_for_every_case():
+    from torch.export import Dim, export
+    model = create_model("eit_micro", impl="auto", dynamic_img_size=True).eval()
+    with autotune.use_timer(timer(1.0, 2.0)), torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    ep = export(model, (x,), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+    assert any("eit_fast.patch_projection" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(torch.randn(3, 3, 32, 32)).shape, torch.Size([3, 10]))
 
 
 # --- a training run -----------------------------------------------------------------------------------------

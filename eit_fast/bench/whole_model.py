@@ -34,7 +34,7 @@ from .. import autotune, timing
 from ..configs import get_config
 from ..factory import create_model
 from ..perf_model import H100, DeviceLimits, Work, modelled_time
-from ..runtime import FAST_PATHS, fast_path_status, provider
+from ..patching import fuse_what_runs
 from .rivals import use_sdpa_pad8
 
 MODELS = ("eit_cifar", "eit_mini", "eit_tiny")
@@ -107,27 +107,6 @@ def modelled_floor(case: Case, limits: DeviceLimits = H100):
 
 # --- the paths ------------------------------------------------------------------------------------------------
 
-def _fuse_what_runs(model) -> tuple[list[str], list[str]]:
-    """Swap in every fused path that applies and can run here (always taken); (taken, reasons for the rest)."""
-    status = fast_path_status()
-    taken, left = [], []
-    for name in FAST_PATHS:
-        mod = provider(name)
-        verdict = mod.applies_to(model) if mod is not None else None
-        if mod is None or not verdict.applies:
-            left.append(f"{name}: {_short(status[name]['reason'] if mod is None else verdict.reason)}")
-        elif not status[name]["available"]:
-            left.append(f"{name}: {_short(status[name]['reason'])}")
-        else:
-            mod.swap(model, auto=False)
-            taken.append(name)
-    return taken, left
-
-
-def _short(reason: str) -> str:
-    return reason.split(" (")[0]
-
-
 def build_paths(case: Case, paths, device: torch.device, autocast) -> dict:
     """{path: (model or None, note or the reason it is skipped)} with one set of initial weights."""
     torch.manual_seed(0)
@@ -139,11 +118,12 @@ def build_paths(case: Case, paths, device: torch.device, autocast) -> dict:
         if path == "sdpa_pad8":
             use_sdpa_pad8(model)
         elif path in ("fused", "fused_compile"):
-            taken, left = _fuse_what_runs(model)
+            taken, left = fuse_what_runs(model)
             if not taken:
                 out[path] = (None, "no fused path can run here (" + "; ".join(left) + ")")
                 continue
-            note = "fused " + ", ".join(taken) + (f"; not fused: {'; '.join(left)}" if left else "")
+            note = "fused " + ", ".join(taken) + (f"; not fused: {'; '.join(x.split(' (')[0] for x in left)}"
+                                                  if left else "")
         elif path == "auto":
             from ..patching import patch
             patch(model, strict=False, model_name=case.model)
