@@ -187,6 +187,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], what: str
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        with _in_progress_lock:
+            _in_progress.pop(tmp, None)
         tmp = None
     except Exception as e:
         if isinstance(e, WriteError) or not _is_write_failure(e):

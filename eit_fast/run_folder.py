@@ -119,7 +119,10 @@ class RunFolder:
         """The newest checkpoint that reads and verifies, warning about each newer one that does not."""
         ckpts = self.checkpoints()
         if not ckpts:
-            raise CheckpointError(f"--resume {self.path}: the folder holds no checkpoint-*.pt")
+            started = self.metrics_file.is_file()
+            raise CheckpointError(f"--resume {self.path}: the folder holds no checkpoint-*.pt" + (
+                " (its run ended before its first checkpoint, so there is nothing to resume: delete the folder "
+                "or choose another --output to start again)" if started else ""))
         problems = []
         for path in reversed(ckpts):
             try:

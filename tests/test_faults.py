@@ -204,6 +204,21 @@ def test_append_line_never_leaves_half_a_record(tmp_path, monkeypatch):
     assert log.read_text().splitlines() == ['{"epoch": 1}', '{"epo', '{"epoch": 2}']
 
 
+def test_an_exit_at_once_removes_the_writes_under_way_and_only_those(tmp_path):
+    atomic_write_text(tmp_path / "done", "x")
+    seen = []
+
+    def interrupted(tmp):
+        Path(tmp).write_text("half")
+        seen.append(fileio.abandon_writes())   # what a second stop signal does before os._exit
+        assert not os.path.exists(tmp)
+        raise KeyboardInterrupt                # (here os._exit ends the process)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "busy", interrupted)
+    assert seen == [[tmp_path / "busy"]] and os.listdir(tmp_path) == ["done"]
+    assert fileio.abandon_writes() == []
+
+
 def test_a_write_error_survives_pickling(tmp_path):
     e = fileio.write_error(tmp_path / "x", OSError(errno.EIO, "io"), what="plot", last_good="y")
     back = pickle.loads(pickle.dumps(e))
