@@ -283,6 +283,11 @@ PAPER_NAME = "EIT: Efficiently Lead Inductive Biases to ViT"
 AUTHORS_CODE = "https://github.com/MrHaiPi/EIT"
 
 
+def eval_crop_pct(side: int) -> float:
+    """The evaluation centre crop: DeiT's 0.875 from 128 px up; small images (CIFAR) are not cropped."""
+    return 0.875 if side >= 128 else 1.0
+
+
 def pretrained_cfg(cfg: EITConfig, name: Optional[str] = None) -> dict:
     """timm's pretrained_cfg (data config and model facts) for a model of `cfg`. There are no hub weights.
 
@@ -306,7 +311,7 @@ def pretrained_cfg(cfg: EITConfig, name: Optional[str] = None) -> dict:
         min_input_size=(cfg.in_chans, min_side, min_side),
         fixed_input_size=not cfg.dynamic_img_size,
         interpolation="bicubic",
-        crop_pct=0.875 if max(H, W) >= 128 else 1.0,
+        crop_pct=eval_crop_pct(max(H, W)),
         crop_mode="center",
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),

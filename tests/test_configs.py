@@ -116,3 +116,14 @@ def test_pretrained_cfg_describes_the_model():
     assert any("No hub weights" in n for n in mini["notes"])
     assert pretrained_cfg(get_config("vit_mini"))["first_conv"] == "patch_embed.proj"
     assert not pretrained_cfg(get_config("eit_mini", dynamic_img_size=True))["fixed_input_size"]
+
+
+@pytest.mark.parametrize("side", [32, 96, 127, 128, 224])
+def test_the_evaluation_transform_crops_as_pretrained_cfg_says(side):
+    """One rule: the data pipeline's evaluation crop and the crop_pct that exports and timm users read."""
+    pytest.importorskip("torchvision")
+    from eit_fast.configs import pretrained_cfg
+    from eit_fast.data.loader import worker_transforms
+    resize = worker_transforms(side, False, None).transforms[0]
+    crop_pct = pretrained_cfg(get_config("eit_micro", img_size=side))["crop_pct"]
+    assert resize.size == int(side / crop_pct) and crop_pct == (0.875 if side >= 128 else 1.0)

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..configs import ConfigError
+from ..configs import ConfigError, eval_crop_pct
 from .arrays import DataError
 from .folder import to_rgb
 from .augment import IMAGENET_MEAN, IMAGENET_STD, MixupConfig, mixup_cutmix, normalization, normalize, \
@@ -193,8 +193,9 @@ def worker_transforms(img_size: int, train: bool, aug: AugmentConfig):
                           "erasing) uses torchvision: install the release that matches your torch "
                           "(for torch 2.14.1: pip install torchvision==0.29.1)") from e
     bicubic = T.InterpolationMode.BICUBIC
-    if not train:  # DeiT's evaluation: resize to img/0.875, centre crop
-        return T.Compose([T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size),
+    if not train:  # DeiT's evaluation: resize to img/crop_pct, centre crop (what pretrained_cfg says)
+        return T.Compose([T.Resize(int(img_size / eval_crop_pct(img_size)), interpolation=bicubic),
+                          T.CenterCrop(img_size),
                           T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     ops = [T.RandomResizedCrop(img_size, scale=aug.rrc_scale, interpolation=bicubic)]
     if aug.hflip:

@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence
 import torch.nn as nn
 
 from .. import __version__
+from ..configs import eval_crop_pct
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 from .base import dynamic_size, in_chans, input_hw, output_name
 
@@ -40,7 +41,7 @@ def data_config(model: nn.Module) -> dict:
     out = {k: pc.get(k, v) for k, v in _DEFAULT_DATA.items()}
     out["input_size"] = [in_chans(model), h, w]
     out["fixed_input_size"] = not dynamic_size(model)
-    out["crop_pct"] = pc.get("crop_pct", 1.0 if max(h, w) < 128 else 0.875)
+    out["crop_pct"] = pc.get("crop_pct", eval_crop_pct(max(h, w)))
     if "min_input_size" in pc:  # the smallest image that still gives a token (dynamic_img_size models)
         out["min_input_size"] = list(pc["min_input_size"])
     out["mean"], out["std"] = list(out["mean"]), list(out["std"])
