@@ -54,7 +54,7 @@ class EITConfig:
     global_pool: str = "token"
     # True: any input size at run time (a learned positional embedding is interpolated, as timm does).
     dynamic_img_size: bool = False
-    # --- options beyond the paper (DESIGN.md 1.6; the defaults are the paper's model) ---
+    # --- options beyond the paper (docs/design.md section 1.6; the defaults are the paper's model) ---
     # CLS tokens through every block; with global_pool="token" the head reads their concatenation (n*D).
     num_cls_tokens: int = 1
     # Rank of a low-rank q / k / v projection (Linear(a, r, bias=False) then Linear(r, a)); None: full rank.

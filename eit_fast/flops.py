@@ -1,4 +1,4 @@
-"""Parameter and multiply-accumulate counts, in both conventions of DESIGN.md 1.3.
+"""Parameter and multiply-accumulate counts, in both conventions of docs/design.md section 1.3.
 
 MACs are counted by torch's FlopCounterMode (FLOPs / 2) on a meta-device model, so nothing is computed.
 "authors" is the convention of the EIT README (ptflops): the stem conv, every Linear and the depthwise

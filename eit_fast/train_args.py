@@ -67,7 +67,7 @@ RECIPES = {
                   warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, smoothing=0.1, crop_padding=4, ema_decay=0.9999,
                   init="timm", mixup=by_budget(0.0, 0.8), cutmix=by_budget(0.0, 1.0), drop=by_budget(0.0, 0.2),
                   attn_drop=by_budget(0.0, 0.15), drop_path=by_budget(0.0, 0.2)),
-    # DESIGN.md 1.5: the authors' ImageNet recipe (DeiT's, nearly verbatim). torchvision's RandAugment has
+    # docs/design.md section 1.5: the authors' ImageNet recipe (DeiT's, nearly verbatim). torchvision's RandAugment has
     # no magnitude noise, so "rand-m9-mstd0.5" becomes 2 ops at magnitude 9.
     "deit": dict(model="eit_mini", epochs=300, batch_size=256, lr=1e-3, lr_scale_batch=512, warmup_epochs=5,
                  warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, randaugment="2,9", random_erasing=0.25,

@@ -21,7 +21,7 @@ def same_outputs(a, b):
 
 
 def write_authors_checkpoint(path, model, ema):
-    """A file in the authors' training-checkpoint layout (DESIGN.md 1.4), DeiT-style contents."""
+    """A file in the authors' training-checkpoint layout (docs/design.md section 1.4), DeiT-style contents."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()

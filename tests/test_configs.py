@@ -5,7 +5,7 @@ import pytest
 import eit_fast
 from eit_fast import ConfigError, get_config
 
-# DESIGN.md 1.2: per-layer (attention, conv) channel splits of the released models.
+# docs/design.md section 1.2: per-layer (attention, conv) channel splits of the released models.
 SPLITS = {
     "eit_mini": [(50, 200), (100, 150), (150, 100), (200, 50), (250, 0)],
     "eit_tiny": [(40, 290), (80, 250), (120, 210), (160, 170), (200, 130), (240, 90), (280, 50), (330, 0)],

@@ -5,7 +5,7 @@ import pytest
 
 from eit_fast import count_macs, get_config
 
-# DESIGN.md 1.3: authors' convention (ptflops: no attention matmuls), and with the attention matmuls.
+# docs/design.md section 1.3: authors' convention (ptflops: no attention matmuls), and with the attention matmuls.
 AUTHORS_G = {"eit_mini": 1.730, "eit_tiny": 3.833, "eit_base": 6.507, "eit_large": 9.998}
 TOTAL_G = {"eit_mini": 1.93, "eit_tiny": 4.21, "eit_base": 7.07, "eit_large": 10.77}
 

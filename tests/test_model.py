@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import eit_fast
 from eit_fast import InputError, create_model
 
-# DESIGN.md 1.3: exact parameter counts (ImageNet-1K heads, no pre_logits).
+# docs/design.md section 1.3: exact parameter counts (ImageNet-1K heads, no pre_logits).
 PARAMS = {"eit_mini": 3_512_750, "eit_tiny": 8_927_230, "eit_base": 15_972_280, "eit_large": 25_305_592}
 
 
@@ -17,7 +17,7 @@ def test_exact_parameter_counts(name):
 
 
 def authors_keys(cfg):
-    """DESIGN.md 1.4: the authors' parameter names and shapes, derived from the config alone."""
+    """docs/design.md section 1.4: the authors' parameter names and shapes, derived from the config alone."""
     D, k, n = cfg.embed_dim, cfg.patch_kernel, cfg.in_chans
     keys = {"patch_embed.eit_p.conv.weight": (D, n, k, k), "patch_embed.eit_p.conv.bias": (D,),
             "cls_token": (1, 1, D)}
@@ -44,7 +44,7 @@ def test_state_dict_matches_authors_names_and_shapes(name):
 
 
 def functional_eit(sd, cfg, x):
-    """An independent float64 re-statement of DESIGN.md 1.1-1.2, head by head, from the state_dict alone."""
+    """An independent float64 re-statement of docs/design.md section 1.1-1.2, head by head, from the state_dict alone."""
     w = {k: v.double() for k, v in sd.items()}
     k, D, H = cfg.patch_kernel, cfg.embed_dim, cfg.num_heads
     gh, gw = cfg.grid_hw

@@ -69,7 +69,7 @@ class ViTPatchEmbed(nn.Module):
 
 
 class LowRank(nn.Module):
-    """A low-rank projection: Linear(dim, rank, bias=False) then Linear(rank, dim) (DESIGN.md 1.6)."""
+    """A low-rank projection: Linear(dim, rank, bias=False) then Linear(rank, dim) (docs/design.md section 1.6)."""
 
     def __init__(self, dim: int, rank: int, *, device=None, dtype=None):
         super().__init__()

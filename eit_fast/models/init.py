@@ -1,6 +1,6 @@
 """Weight-init rules of EITConfig.init, applied module by module (tokens and embeddings are the model's).
 
-- "authors" (their code, DESIGN.md 1.2): Linear weights trunc-normal std 0.01, biases 0; every Conv2d
+- "authors" (their code, docs/design.md section 1.2): Linear weights trunc-normal std 0.01, biases 0; every Conv2d
   kaiming-normal fan_out as torch computes it, which ignores groups (the depthwise 3x3 conv of c channels
   starts at std sqrt(2 / (9 c))); biases 0; LayerNorm 1 / 0.
 - "timm": Linear weights trunc-normal std 0.02 (timm's ViT), biases 0; Conv2d weights normal with std
