@@ -3,8 +3,9 @@ diversity and high-frequency share (eit_fast.analysis, our reconstructions of th
 each model, written as DIR/analysis.json and one side-by-side plot DIR/analysis.png.
 
 A SOURCE is a checkpoint or .safetensors export written by eit_fast.train (rebuilt from its recorded config,
-as `eit_fast.evaluate` does; `--model NAME` for files that carry none) or a named config (freshly
-initialised: what the measures look like at init). `--label` names them in the plot and the JSON.
+as `eit_fast.evaluate` does; `--model NAME` for files that carry none), a run folder (its best.pt, else its
+final export, else its newest readable checkpoint), or a named config (freshly initialised: what the measures
+look like at init). `--label` names them in the plot and the JSON.
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def load_source(source: str, model_name: str | None, use_ema: bool, overrides: d
     from .evaluate import load_model_for_eval
     from .models import EIT
 
+    if os.path.isdir(source):  # a run folder, as `evaluate --checkpoint RUN_DIR` takes it
+        from .run_folder import checkpoint_to_evaluate
+        path, obj, use_ema, why = checkpoint_to_evaluate(source, use_ema)
+        print(f"{source} is a run folder: analysing {path.name}, {why}", flush=True)
+        model, run_args, _ = load_model_for_eval(str(path), model_name, use_ema, obj)
+        return model, run_args.get("seed")
     if os.path.exists(source):
         model, run_args, _ = load_model_for_eval(source, model_name, use_ema)
         return model, run_args.get("seed")

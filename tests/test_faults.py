@@ -331,7 +331,8 @@ def test_a_real_full_disk(tmp_path, small_disk):
     assert r.returncode == 2, r.stdout + r.stderr
     line = error_line(r.stderr)
     assert f"error: could not write the checkpoint {out}/" in line and ": no space left on the device (" in line
-    assert re.search(r"\(\d+\.\d (KiB|MiB) free, 5\.\d MiB needed\); the last good one, " + re.escape(str(out / "checkpoint-00000008.pt")), line), line
+    assert re.search(r"\(\d+\.\d (KiB|MiB) free, 5\.\d MiB needed\); the last good one, "
+                     + re.escape(str(out / "checkpoint-00000008.pt")), line), line
     assert not list(out.glob(".*.tmp"))
     shutil.copytree(out, tmp_path / "roomy")
     assert resume(tmp_path / "roomy") == 0   # the last good checkpoint resumes where there is room
@@ -368,6 +369,9 @@ def test_evaluate_takes_a_run_folder(tmp_path, capsys, straight):
            f"({best['top1']:.2f}% at epoch {best['epoch']})" in shown
     assert f"top-1 {rec['val_top1']:.2f}%" in shown
     assert f"top-1 {rec['ema_val_top1']:.2f}%" in evaluated("--ema").out
+    from eit_fast import analyze   # the analysis takes the same folder the same way
+    assert analyze.main([str(folder), "--images", "4", "--batch-size", "4", "--output", str(tmp_path / "an")]) == 0
+    assert f"{folder} is a run folder: analysing best.pt" in capsys.readouterr().out
     flip_middle(folder / "best.pt")
     got = evaluated()
     assert "best.pt is corrupt" in got.err and "evaluating final.safetensors, the weights at the end" in got.out
