@@ -1,8 +1,11 @@
-"""EIT-T's depthwise 3x3 conv over the patch-token grid, on tokens laid out (B, N = 1 + Hp*Wp, C).
+"""EIT-T's depthwise 3x3 conv over the patch-token grid, on tokens laid out (B*N, CP) rows, N = 1 + Hp*Wp.
 
 Token 0 is CLS and passes through unchanged; token t >= 1 sits at row (t-1) // Wp, column (t-1) % Wp of
-the grid, zero padding 1. Channels are the contiguous dimension, so a tile is BLOCK_T tokens x BLOCK_C
-channels and each of the 9 taps is one shifted, masked load. Weights are (C, 1, 3, 3), contiguous.
+the grid, zero padding 1. Channels are the contiguous dimension and each row is CP = C rounded up to a
+multiple of 8 elements, so the 16-bit loads are vectors: loads are masked at CP, not C (a mask that changes
+inside a group of 8 would split the vector), and the padding lanes' results are never stored. A tile is
+BLOCK_T tokens x BLOCK_C channels and each of the 9 taps is one shifted, masked load. Weights are (9, CP),
+tap-major and zero-padded, so a tap's BLOCK_C weights are one vector load too.
 """
 import triton
 import triton.language as tl
@@ -12,18 +15,20 @@ from .dropout import keep
 
 @triton.jit
 def conv_fwd_tile(x_ptr, y_ptr, w_ptr, scale_ptr, seed_ptr, out_ptr, b, pid_t, pid_c,
-                  N, C, GH, GW, s_xb, s_xn, s_xc, s_yb, s_yn, s_yc, s_ob, s_on, s_oc, p_drop,
+                  N, C, CP8, GH, GW, s_xb, s_xn, s_xc, s_ob, s_on, s_oc, p_drop,
                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr):
     """out[b, t, c] = x[b, t, c] + scale[b] * z[b, t, c], z = dropout(conv(y)) (CLS: z = y), c < C."""
+    CP = CP8 * 8  # the row stride, passed in units of 8 so the compiler sees the alignment
     b = b.to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_t = t < N
     mask_c = ch < C
+    mask_v = ch < CP  # loads of the padded rows
     r = (t - 1) // GW
     s = (t - 1) % GW
     is_patch = (t >= 1) & mask_t
-    y_b = y_ptr + b * s_yb + ch[None, :] * s_yc
+    y_b = y_ptr + b * N * CP + ch[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     for kh in tl.static_range(3):
         for kw in tl.static_range(3):
@@ -31,14 +36,14 @@ def conv_fwd_tile(x_ptr, y_ptr, w_ptr, scale_ptr, seed_ptr, out_ptr, b, pid_t, p
             ss = s + (kw - 1)
             ok = is_patch & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
             src = (1 + rr * GW + ss).to(tl.int64)
-            yv = tl.load(y_b + src[:, None] * s_yn, mask=ok[:, None] & mask_c[None, :], other=0.0)
-            wv = tl.load(w_ptr + ch * 9 + (kh * 3 + kw), mask=mask_c, other=0.0)
+            yv = tl.load(y_b + src[:, None] * CP, mask=ok[:, None] & mask_v[None, :], other=0.0)
+            wv = tl.load(w_ptr + (kh * 3 + kw) * CP + ch, mask=mask_v, other=0.0)
             acc += yv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if DROPOUT:
         kept = keep(seed_ptr, 1, (b * N + t[:, None]) * C + ch[None, :], p_drop)
         acc = tl.where(kept, acc / (1.0 - p_drop), 0.0)
     mask = mask_t[:, None] & mask_c[None, :]
-    cls = tl.load(y_b + t[:, None].to(tl.int64) * s_yn, mask=(t == 0)[:, None] & mask_c[None, :], other=0.0)
+    cls = tl.load(y_b + t[:, None].to(tl.int64) * CP, mask=(t == 0)[:, None] & mask_v[None, :], other=0.0)
     z = tl.where((t == 0)[:, None], cls.to(tl.float32), acc)
     rows = t[:, None].to(tl.int64)
     xv = tl.load(x_ptr + b * s_xb + rows * s_xn + ch[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
@@ -48,20 +53,21 @@ def conv_fwd_tile(x_ptr, y_ptr, w_ptr, scale_ptr, seed_ptr, out_ptr, b, pid_t, p
 
 
 @triton.jit
-def conv_bwd_input_kernel(gz_ptr, w_ptr, dy_ptr, N, C, GH, GW, s_gb, s_gn, s_gc, s_db, s_dn, s_dc,
-                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dy = conv_transpose(gz) on patch tokens (the 3x3 taps mirrored); dy = gz on CLS.
+def conv_bwd_input_kernel(gz_ptr, w_ptr, dy_ptr, N, C, CP8, GH, GW, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dy = conv_transpose(gz) on patch tokens (the 3x3 taps mirrored); dy = gz on CLS. gz, dy: (B*N, CP).
 
     gz is the gradient of z: already scaled per sample and masked by the branch dropout."""
+    CP = CP8 * 8  # the row stride, passed in units of 8 so the compiler sees the alignment
     b, pid_t, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_t = t < N
     mask_c = ch < C
+    mask_v = ch < CP
     r = (t - 1) // GW
     s = (t - 1) % GW
     is_patch = (t >= 1) & mask_t
-    g_b = gz_ptr + b * s_gb + ch[None, :] * s_gc
+    g_b = gz_ptr + b * N * CP + ch[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     for kh in tl.static_range(3):
         for kw in tl.static_range(3):
@@ -69,35 +75,37 @@ def conv_bwd_input_kernel(gz_ptr, w_ptr, dy_ptr, N, C, GH, GW, s_gb, s_gn, s_gc,
             ss = s - (kw - 1)
             ok = is_patch & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
             src = (1 + rr * GW + ss).to(tl.int64)
-            gv = tl.load(g_b + src[:, None] * s_gn, mask=ok[:, None] & mask_c[None, :], other=0.0)
-            wv = tl.load(w_ptr + ch * 9 + (kh * 3 + kw), mask=mask_c, other=0.0)
+            gv = tl.load(g_b + src[:, None] * CP, mask=ok[:, None] & mask_v[None, :], other=0.0)
+            wv = tl.load(w_ptr + (kh * 3 + kw) * CP + ch, mask=mask_v, other=0.0)
             acc += gv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    cls = tl.load(g_b + t[:, None].to(tl.int64) * s_gn, mask=(t == 0)[:, None] & mask_c[None, :], other=0.0)
+    cls = tl.load(g_b + t[:, None].to(tl.int64) * CP, mask=(t == 0)[:, None] & mask_v[None, :], other=0.0)
     acc = tl.where((t == 0)[:, None], cls.to(tl.float32), acc)
-    tl.store(dy_ptr + b * s_db + t[:, None].to(tl.int64) * s_dn + ch[None, :] * s_dc,
-             acc.to(dy_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_c[None, :])
+    tl.store(dy_ptr + (b * N + t[:, None].to(tl.int64)) * CP + ch[None, :], acc.to(dy_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_c[None, :])
 
 
 @triton.jit
-def _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, KH: tl.constexpr, KW: tl.constexpr):
+def _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, KH: tl.constexpr, KW: tl.constexpr):
     """sum over this slab's tokens of gz * y shifted by tap (KH, KW): one (BLOCK_C,) partial."""
     rr = r + (KH - 1)
     ss = s + (KW - 1)
     ok = (t >= 1) & (t < N) & (rr >= 0) & (rr < GH) & (ss >= 0) & (ss < GW)
     src = (1 + rr * GW + ss).to(tl.int64)
-    yv = tl.load(y_b + src[:, None] * s_yn, mask=ok[:, None] & mask_c[None, :], other=0.0)
+    yv = tl.load(y_b + src[:, None] * CP, mask=ok[:, None] & mask_v[None, :], other=0.0)
     return tl.sum(g * yv.to(tl.float32), 0)
 
 
 @triton.jit
-def conv_bwd_weight_kernel(gz_ptr, y_ptr, part_ptr, B, N, C, GH, GW, s_gb, s_gn, s_gc, s_yb, s_yn, s_yc,
-                           SPLITS, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def conv_bwd_weight_kernel(gz_ptr, y_ptr, part_ptr, B, N, C, CP8, GH, GW, SPLITS,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """part[split, tap, c] = sum over this split's (sample, token slab) pairs of gz * shifted y, all 9 taps.
 
     Deterministic: each split writes its own partial; the launcher sums them."""
+    CP = CP8 * 8  # the row stride, passed in units of 8 so the compiler sees the alignment
     pid_c, split = tl.program_id(0), tl.program_id(1)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < C
+    mask_v = ch < CP
     n_tb = tl.cdiv(N, BLOCK_T)
     a0 = tl.zeros([BLOCK_C], tl.float32)
     a1 = tl.zeros([BLOCK_C], tl.float32)
@@ -113,18 +121,18 @@ def conv_bwd_weight_kernel(gz_ptr, y_ptr, part_ptr, B, N, C, GH, GW, s_gb, s_gn,
         t = (j % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
         r = (t - 1) // GW
         s = (t - 1) % GW
-        g = tl.load(gz_ptr + b * s_gb + t[:, None].to(tl.int64) * s_gn + ch[None, :] * s_gc,
-                    mask=((t >= 1) & (t < N))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        y_b = y_ptr + b * s_yb + ch[None, :] * s_yc
-        a0 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 0, 0)
-        a1 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 0, 1)
-        a2 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 0, 2)
-        a3 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 1, 0)
-        a4 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 1, 1)
-        a5 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 1, 2)
-        a6 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 2, 0)
-        a7 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 2, 1)
-        a8 += _wgrad_tap(g, y_b, t, r, s, mask_c, N, GH, GW, s_yn, 2, 2)
+        g = tl.load(gz_ptr + (b * N + t[:, None].to(tl.int64)) * CP + ch[None, :],
+                    mask=((t >= 1) & (t < N))[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        y_b = y_ptr + b * N * CP + ch[None, :]
+        a0 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 0, 0)
+        a1 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 0, 1)
+        a2 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 0, 2)
+        a3 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 1, 0)
+        a4 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 1, 1)
+        a5 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 1, 2)
+        a6 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 2, 0)
+        a7 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 2, 1)
+        a8 += _wgrad_tap(g, y_b, t, r, s, mask_v, N, GH, GW, CP, 2, 2)
     out = part_ptr + split.to(tl.int64) * 9 * C + ch
     tl.store(out + 0 * C, a0, mask=mask_c)
     tl.store(out + 1 * C, a1, mask=mask_c)
@@ -141,16 +149,25 @@ CONV_BLOCK_T, CONV_BLOCK_C = 16, 64
 WGRAD_SPLITS = 128
 
 
-def launch_conv_backward(gz, y, w, dy, grid_hw, wrap=lambda k: k):
-    """dy (B, N, C) and the weight gradient (C, 1, 3, 3) in fp32, from gz = dL/dz of the conv channels."""
+def tap_major(w, cp: int):
+    """(C, 1, 3, 3) weights -> (9, CP), zero beyond C: the layout the kernels read."""
+    import torch.nn.functional as F
+    c = w.shape[0]
+    return F.pad(w.reshape(c, 9).t(), (0, cp - c)).contiguous()
+
+
+def launch_conv_backward(gz, y, w9, dy, num_channels: int, grid_hw, wrap=lambda k: k):
+    """dy (B, N, CP) and the weight gradient (C, 1, 3, 3) in fp32, from gz = dL/dz of the conv channels.
+    gz, y, dy: (B, N, CP) contiguous; w9: (9, CP) from tap_major."""
     import torch
-    B, N, C = gz.shape
+    B, N, CP = gz.shape
+    C = num_channels
     GH, GW = grid_hw[0], max(grid_hw[1], 1)  # no patches (N = 1): keep the modulo defined
     BT, BC = CONV_BLOCK_T, CONV_BLOCK_C
     wrap(conv_bwd_input_kernel)[(B, triton.cdiv(N, BT), triton.cdiv(C, BC))](
-        gz, w, dy, N, C, GH, GW, *gz.stride(), *dy.stride(), BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
+        gz, w9, dy, N, C, CP // 8, GH, GW, BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
     splits = max(1, min(WGRAD_SPLITS, triton.cdiv(B * triton.cdiv(N, BT), 4)))
     part = torch.empty((splits, 9, C), device=gz.device, dtype=torch.float32)
     wrap(conv_bwd_weight_kernel)[(triton.cdiv(C, BC), splits)](
-        gz, y, part, B, N, C, GH, GW, *gz.stride(), *y.stride(), splits, BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
+        gz, y, part, B, N, C, CP // 8, GH, GW, splits, BLOCK_T=BT, BLOCK_C=BC, num_warps=4)
     return part.sum(0).t().reshape(C, 1, 3, 3)

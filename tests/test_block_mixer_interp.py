@@ -53,6 +53,7 @@ SLOW_MODEL_CASES = {
     "model_vit_cifar": dict(name="vit_cifar", B=1),
     "model_eit_micro_heads3_80px": dict(name="eit_micro", B=1, img_size=80, num_heads=3),
 }
+DEVICE = "cpu"  # the cases' device: cpu in the interpreter child; "cuda" for the in-process GPU tests below
 FAST = ["poison"] + list(OP_CASES) + list(HALF_CASES) + list(DROPOUT_CASES) + list(CONFIG_CASES) + list(MODEL_CASES)
 
 
@@ -75,6 +76,7 @@ def _inputs(B, grid, C, H, hd, dtype, noncontig=False, seed=0):
              proj_b=r(A, std=0.1), G=r(B, N, D))
     t["scale"] = torch.rand(B, generator=g, dtype=torch.float64) * 2
     t["scale"][0] = 0.0 if B > 1 else 1.25  # a dropped sample
+    t = {k: v.to(DEVICE) for k, v in t.items()}
     low = {k: v.to(dtype) for k, v in t.items()}
     if noncontig:  # same values, other strides: x (B, D, N)^T
         low["x"] = low["x"].transpose(1, 2).contiguous().transpose(1, 2)
@@ -89,7 +91,7 @@ def _fused(low, N, D, C, A, H, grid, ps=(0.0, 0.0, 0.0), seed_value=1234, noncon
     from eit_fast.ops.block_mixer import block_mixer
     leaves = {k: low[k].detach().clone().requires_grad_() if k != "x" else low[k].detach().requires_grad_()
               for k in LEAVES}
-    seed = torch.tensor([seed_value], dtype=torch.int64)
+    seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
     lv = lambda k, on: leaves[k] if on else None
     out = block_mixer(leaves["x"], leaves["norm_w"], leaves["norm_b"], lv("conv_w", C), lv("qkv_w", A),
                       lv("qkv_b", A), lv("proj_w", A), lv("proj_b", A), low["scale"].float(), seed, grid[0], grid[1],
@@ -158,14 +160,16 @@ def case_op(B, grid, C, H, hd, noncontig=False):
     return {"errors": _compare(out, grads, ref_out, ref_grads, C, A), "tol": 1e-5}
 
 
-def case_half(B, grid, C, H, hd):
-    """fp16 kernels vs float64, against twice the error of the reference modules run in fp16, + 1e-3."""
+def case_half(B, grid, C, H, hd, dtype="float16", noncontig=False):
+    """fp16 (bf16: GPU only) kernels vs float64, against twice the error of the reference modules run in that
+    dtype, + 1e-3."""
     import torch
-    t, low, N, D, A = _inputs(B, grid, C, H, hd, torch.float16)
-    t = {k: v.to(torch.float16).double() for k, v in t.items()}  # the reference sees the same rounded inputs
+    dtype = getattr(torch, dtype)
+    t, low, N, D, A = _inputs(B, grid, C, H, hd, dtype, noncontig)
+    t = {k: v.to(dtype).double() for k, v in t.items()}  # the reference sees the same rounded inputs
     out, grads, _ = _fused(low, N, D, C, A, H, grid)
     ref_out, ref_grads = _reference(t, C, A, H, grid)
-    half_out, half_grads = _reference(t, C, A, H, grid, dtype=torch.float16)
+    half_out, half_grads = _reference(t, C, A, H, grid, dtype=dtype)
     fused = _compare(out, grads, ref_out, ref_grads, C, A)
     torch_half = _compare(half_out, half_grads, ref_out, ref_grads, C, A)
     return {"errors": fused, "limits": {k: 2 * v + 1e-3 for k, v in torch_half.items()}}
@@ -197,36 +201,39 @@ def _launch_all(low, grid, C, H, hd, ps, seed, cfgs, nan):
     x, dt = low["x"], low["x"].dtype
     B, N, D = x.shape
     M, A = B * N, D - C
-    HP, AP = op.head_pad(hd), op.head_pad(A)
+    HP, AP, CP = op.head_pad(hd), op.head_pad(A), op.head_pad(C)
     dot = attention.dot_options(dt)
     r = {}
-    r["y_conv"], r["y_attn"] = nan(M, C, dtype=dt), nan(M, AP, dtype=dt)
+    r["y_conv"], r["y_attn"] = nan(M, CP, dtype=dt), nan(M, AP, dtype=dt)
     r["mean"], r["rstd"] = nan(M, dtype=torch.float32), nan(M, dtype=torch.float32)
     layernorm.launch_layernorm_forward(x, low["norm_w"], low["norm_b"], r["y_conv"], r["y_attn"], r["mean"], r["rstd"],
-                                       1e-6)
+                                       C, 1e-6)
     wq, bq = op.pad_qkv(low["qkv_w"], low["qkv_b"], H, HP, AP)
     qkv = torch.addmm(bq, r["y_attn"], wq.t()).view(B, N, 3, H, HP)
     r["out"], r["o"], r["lse"] = nan(B, N, D, dtype=dt), nan(B, N, H, HP, dtype=dt), nan(B, H, N, dtype=torch.float32)
-    cw = low["conv_w"].contiguous()
-    mixer.launch_mixer_forward(x, r["y_conv"], cw, qkv, r["o"], r["lse"], low["scale"].float(), seed, r["out"], grid,
-                               hd, ps[0], ps[1], cfgs["attn_fwd"], op.CONV_TILE, dot)
+    bits = torch.full(attention.bits_shape(B, H, N), -7, dtype=torch.int32, device=DEVICE)
+    cw = dwconv.tap_major(low["conv_w"], CP)
+    mixer.launch_mixer_forward(x, r["y_conv"], cw, qkv, r["o"], r["lse"], bits, low["scale"].float(), seed, r["out"], C,
+                               grid, hd, ps[0], ps[1], cfgs["attn_fwd"], op.CONV_TILE, dot)
     wp = op.pad_proj(low["proj_w"], H, HP).contiguous()
     mixer.launch_projection(r["o"], wp, low["proj_b"], x, low["scale"].float(), seed, r["out"], ps[2], cfgs["proj"],
                             dot)
     g = low["G"]
-    r["gz_conv"], r["ga"] = nan(M, C, dtype=dt), nan(M, A, dtype=dt)
+    r["gz_conv"], r["ga"] = nan(M, CP, dtype=dt), nan(M, A, dtype=dt)
     r["dproj_b"] = mixer.launch_mixer_grad(g, low["scale"].float(), seed, r["gz_conv"], r["ga"], C, ps[1], ps[2])
-    r["dy_conv"] = nan(M, C, dtype=dt)
+    r["dy_conv"] = nan(M, CP, dtype=dt)
     if C:
-        r["dconv_w"] = dwconv.launch_conv_backward(r["gz_conv"].view(B, N, C), r["y_conv"].view(B, N, C), cw,
-                                                   r["dy_conv"].view(B, N, C), grid)
+        r["dconv_w"] = dwconv.launch_conv_backward(r["gz_conv"].view(B, N, CP), r["y_conv"].view(B, N, CP), cw,
+                                                   r["dy_conv"].view(B, N, CP), C, grid)
     do = (r["ga"] @ wp).view(B, N, H, HP)
     r["dqkv"] = nan(B, N, 3, H, HP, dtype=dt)
-    attention.launch_attention_backward(qkv, r["o"], do, r["lse"], seed, r["dqkv"], hd, ps[0], cfgs["attn_bwd"])
+    r["dqkv_b"] = attention.launch_attention_backward(qkv, r["o"], do, r["lse"], bits, r["dqkv"], hd, ps[0],
+                                                      cfgs["attn_bwd"])
+    r["bits"] = bits
     d2 = r["dqkv"].view(M, -1)
     r["dx"] = nan(B, N, D, dtype=dt)
     r["dnorm_w"], r["dnorm_b"] = layernorm.launch_layernorm_backward(x, low["norm_w"], r["mean"], r["rstd"],
-                                                                     r["dy_conv"], d2 @ wq, g, r["dx"])
+                                                                     r["dy_conv"], d2 @ wq, g, r["dx"], C)
     return r
 
 
@@ -236,22 +243,30 @@ def case_poison():
     from eit_fast.ops import block_mixer as op
     B, grid, C, H, hd = 2, (5, 9), 37, 3, 5
     t, low, N, D, A = _inputs(B, grid, C, H, hd, torch.float32)
-    seed = torch.tensor([7], dtype=torch.int64)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
     ps = (0.1, 0.2, 0.3)
     cfgs = {k: op.configs(k, torch.float32, N, op.head_pad(hd))[0] for k in ("attn_fwd", "attn_bwd", "proj")}
-    r = _launch_all(low, grid, C, H, hd, ps, seed, cfgs, lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype))
-    out, y_conv, y_attn, mean, rstd, qkv, o, lse = op.block_mixer(
+    r = _launch_all(low, grid, C, H, hd, ps, seed, cfgs,
+                    lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype, device=DEVICE))
+    out, y_conv, y_attn, mean, rstd, qkv, o, lse, bits = op.block_mixer(
         low["x"], low["norm_w"], low["norm_b"], low["conv_w"], low["qkv_w"], low["qkv_b"], low["proj_w"],
         low["proj_b"], low["scale"].float(), seed, *grid, H, 1e-6, *ps, torch.float32)
     grads = op.block_mixer_backward(low["G"], low["x"], low["norm_w"], low["conv_w"], low["qkv_w"], low["proj_w"],
-                                    y_conv, y_attn, mean, rstd, qkv, o, lse, low["scale"].float(), seed, *grid, H,
+                                    y_conv, y_attn, mean, rstd, qkv, o, lse, bits, low["scale"].float(), seed, *grid, H,
                                     *ps, torch.float32)
-    res = {"finite": {k: bool(torch.isfinite(v).all()) for k, v in r.items()}}
+    r["gz_conv"], r["dy_conv"] = r["gz_conv"][:, :C], r["dy_conv"][:, :C]  # their row padding is never read
+    res = {"finite": {k: bool(torch.isfinite(v).all()) for k, v in r.items() if k != "bits"}}
     mine = dict(out=out, y_conv=y_conv, y_attn=y_attn, mean=mean, rstd=rstd, o=o, lse=lse,
                 **dict(zip(("dx", "dnorm_w", "dnorm_b", "dconv_w", "dqkv_w", "dqkv_b", "dproj_w", "dproj_b"), grads)))
     res["errors"] = {k: _rel(r[k], mine[k]) for k in ("out", "y_conv", "y_attn", "mean", "rstd", "o", "lse", "dx",
                                                        "dnorm_w", "dnorm_b", "dproj_b")}
     res["errors"]["dconv_w"] = _rel(r["dconv_w"].reshape(-1), mine["dconv_w"].reshape(-1))
+    # the keep bits are the keep mask: every word written, bit for bit what dropout_masks generates
+    m = op.dropout_masks(seed, B, N, C, A, H, *ps)["attn"].reshape(B * H, N, N)
+    m = torch.nn.functional.pad(m, (0, 32 * r["bits"].shape[-1] - N)).reshape(B * H, N, -1, 32).long()
+    words = (m << torch.arange(32)).sum(-1)
+    res["errors"]["bits"] = float((words != r["bits"].long() % 2 ** 32).any())
+    res["errors"]["bits_op"] = float((bits != r["bits"]).any())
     res["tol"] = 0.0  # the same kernels on the same inputs: bit for bit
     return res
 
@@ -263,7 +278,7 @@ def case_configs(B, grid, C, H, hd):
     from eit_fast.ops import block_mixer as op
     t, low, N, D, A = _inputs(B, grid, C, H, hd, torch.float16)
     t = {k: v.to(torch.float16).double() for k, v in t.items()}
-    seed = torch.tensor([3], dtype=torch.int64)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)
     ref_out, ref_grads = _reference(t, C, A, H, grid)
     half_out, half_grads = _reference(t, C, A, H, grid, dtype=torch.float16)
     limit = {"out": 2 * _rel(half_out, ref_out) + 1e-3, "dx": 2 * _rel(half_grads["x"], ref_grads["x"]) + 1e-3}
@@ -273,7 +288,7 @@ def case_configs(B, grid, C, H, hd):
     for i in range(max(len(v) for v in space.values())):  # each config once, the others at their first
         cfgs = {k: space[k][min(i, len(space[k]) - 1)] for k in kinds}
         r = _launch_all(low, grid, C, H, hd, (0.0, 0.0, 0.0), seed, cfgs,
-                        lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype))
+                        lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype, device=DEVICE))
         name = "+".join(op.config_name(c) for c in cfgs.values())
         res["errors"][f"out {name}"] = _rel(r["out"], ref_out)
         res["errors"][f"dx {name}"] = _rel(r["dx"], ref_grads["x"])
@@ -286,8 +301,8 @@ def case_model(name, B, **overrides):
     parameter gradient."""
     import torch
     from eit_fast import create_model
-    ref = create_model(name, impl="reference", **overrides).eval()
-    fused = create_model(name, impl="fused", **overrides).eval()
+    ref = create_model(name, impl="reference", **overrides).to(DEVICE).eval()
+    fused = create_model(name, impl="fused", **overrides).to(DEVICE).eval()
     fused.load_state_dict(ref.state_dict())
     n_fused = sum(type(b).__name__ == "FusedBlock" for b in fused.blocks)
     with torch.no_grad():  # the authors' init is tiny (std 0.01): give the mixers real work to do
@@ -295,7 +310,7 @@ def case_model(name, B, **overrides):
             p_ref.normal_(0, 0.05)
             p_fused.copy_(p_ref)
     img = ref.cfg.img_size
-    x = torch.randn(B, 3, img, img)
+    x = torch.randn(B, 3, img, img, device=DEVICE)
     res = {"fused_blocks": [n_fused, len(fused.blocks)], "errors": {}, "tol": 1e-5}
     outs = []
     for m in (ref, fused):
@@ -316,12 +331,13 @@ def case_train(name="eit_micro", B=4, steps=3):
     losses = {}
     for impl in ("reference", "fused"):
         torch.manual_seed(0)
-        model = create_model(name, impl=impl, drop_path_rate=0.1)
+        model = create_model(name, impl=impl, drop_path_rate=0.1).to(DEVICE)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(1)
         losses[impl] = []
         for _ in range(steps):
             x, y = torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g)
+            x, y = x.to(DEVICE), y.to(DEVICE)
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -412,6 +428,48 @@ def test_training_tracks_reference_losses():
     assert "exception" not in res, res.get("exception")
     ref, fused = res["losses"]["reference"], res["losses"]["fused"]
     assert len(ref) == len(fused) == 3 and all(l == l for l in ref + fused)
+    for a, b in zip(ref, fused):
+        assert abs(a - b) <= 1e-5 * abs(a), res["losses"]
+
+
+# --- the same cases on a GPU, compiled (in this process: no interpreter), bf16 included --------------------
+
+GPU_CASES = ["poison"] + list(OP_CASES) + list(SLOW_OP_CASES) + list(HALF_CASES) + list(DROPOUT_CASES) + \
+    list(CONFIG_CASES) + list(SLOW_CONFIG_CASES) + list(MODEL_CASES) + list(SLOW_MODEL_CASES)
+
+
+@pytest.fixture
+def on_gpu():
+    """The cases on "cuda", with TF32 off (the fp32 cases' bar is IEEE fp32)."""
+    import torch
+    global DEVICE
+    DEVICE = "cuda"
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        DEVICE = "cpu"
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_parity(on_gpu, name):
+    _check(_run_case(name))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(OP_CASES) + list(SLOW_OP_CASES))
+def test_gpu_parity_bf16(on_gpu, name):
+    """bf16 (the interpreter cannot run it: its bf16 dot and fp32 -> bf16 cast are wrong) on every op case."""
+    _check(case_half(**OP_CASES.get(name, SLOW_OP_CASES.get(name)), dtype="bfloat16"))
+
+
+@pytest.mark.cuda
+def test_gpu_training_tracks_reference_losses(on_gpu):
+    res = case_train()
+    ref, fused = res["losses"]["reference"], res["losses"]["fused"]
     for a, b in zip(ref, fused):
         assert abs(a - b) <= 1e-5 * abs(a), res["losses"]
 

@@ -87,28 +87,30 @@ def config_name(cfg: dict) -> str:
             + f"w{cfg['num_warps']}s{cfg['num_stages']}")
 
 
-def configs(kind: str, dtype: torch.dtype, seq_len: int, hp: int) -> list[dict]:
+def configs(kind: str, dtype: torch.dtype, seq_len: int, hp: int, dropout: bool = False) -> list[dict]:
     """Candidate tiles of `kind` ("attn_fwd", "attn_bwd", "proj") for this dtype, sequence length, padded
-    head size. 16-bit tiles put 16 rows per warp along M, the tile's M extent being 16 x num_warps or more."""
+    head size and attention dropout. 16-bit tiles put 16 rows per warp along M, the tile's M extent being
+    16 x num_warps or more."""
     wide = hp > 32  # BLOCK_D 64: the backward's accumulators need every register without pipelining
     if dtype == torch.float32:  # IEEE fp32 on FMAs: small tiles
         return {"attn_fwd": [_cfg(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)],
                 "attn_bwd": [_cfg(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)],
                 "proj": [_cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)]}[kind]
+    if kind == "attn_fwd" and dropout:  # the generator's registers: 64 x 32 score tiles
+        return [_cfg(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                _cfg(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]
     if kind == "attn_fwd":
         return [_cfg(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                 _cfg(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
                 _cfg(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
                 _cfg(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)]
-    if kind == "attn_bwd":
-        out = [_cfg(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 2)]
-        if seq_len <= 128 and not wide:  # all queries in one slab: dQ stays in registers
-            out.append(_cfg(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1))
-        return out
-    if kind == "proj":
-        return [_cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-                _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-                _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)]
+    if kind == "attn_bwd":  # BLOCK_M 128 (all 65 queries of eit_cifar in one slab) spills: not shipped
+        return [_cfg(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 2)] + \
+            ([] if wide else [_cfg(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)])
+    if kind == "proj":  # the epilogue's fp32 residual pointers: 32 elements per thread at most
+        return [_cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+                _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+                _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)]
     raise KeyError(kind)
 
 
@@ -122,14 +124,15 @@ def _can_measure(t: Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def _choose(kind: str, t: Tensor, dtype: torch.dtype, seq_len: int, hp: int, measure) -> dict:
-    """One judge for the tiles: the shared choice book, keyed on architecture, length bucket, padded head."""
-    options = configs(kind, dtype, seq_len, hp)
+def _choose(kind: str, t: Tensor, dtype: torch.dtype, seq_len: int, hp: int, dropout: bool, measure) -> dict:
+    """One judge for the tiles: the shared choice book, keyed on architecture, length bucket, padded head size
+    (and dtype, attention dropout)."""
+    options = configs(kind, dtype, seq_len, hp, dropout)
     if interpreting() or len(options) == 1:
         return options[0]
     arch = "sm_%d%d" % torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" and \
         torch.cuda.is_available() else "any"
-    key = f"{arch}/n{_seq_bucket(seq_len)}/hp{hp}/{str(dtype).removeprefix('torch.')}"
+    key = f"{arch}/n{_seq_bucket(seq_len)}/hp{hp}/{str(dtype).removeprefix('torch.')}" + ("/drop" if dropout else "")
     by_name = {config_name(c): c for c in options}
     timed = (lambda name: measure(by_name[name])) if _can_measure(t) else None
     return by_name[autotune.pick(f"block_mixer.{kind}", key, list(by_name), timed)]
@@ -177,7 +180,7 @@ def _dims(x, conv_w, qkv_w, num_heads):
     A = D - C
     H = num_heads if A else 1
     HD = A // H if A else 0
-    return B, N, D, C, A, H, HD, head_pad(HD) if A else 0, head_pad(A) if A else 0
+    return B, N, D, C, A, H, HD, head_pad(HD) if A else 0, head_pad(A) if A else 0, head_pad(C)
 
 
 def _check(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed, grid_h, grid_w, num_heads,
@@ -233,31 +236,33 @@ def _no_cpu_dropout(ps):
             "Triton kernels); use the reference model on the CPU, or TRITON_INTERPRET=1 for tests")
 
 
-def _empty_saved(x, dims, cd, with_qkv=True):
-    """The op's saved tensors, unwritten: y_conv (M, C), y_attn (M, AP), mean, rstd (M,), qkv (B, N, 3, H, HP),
-    o (B, N, H, HP), lse (B, H, N); empty (0,) where a branch is absent."""
-    B, N, D, C, A, H, HD, HP, AP = dims
+def _empty_saved(x, dims, cd, p_attn, with_qkv=True):
+    """The op's saved tensors, unwritten: y_conv (M, CP), y_attn (M, AP), mean, rstd (M,), qkv (B, N, 3, H, HP),
+    o (B, N, H, HP), lse (B, H, N), the attention dropout's keep bits (B*H, N, ceil(N/32)) int32; empty (0,)
+    where a branch (or the dropout) is absent."""
+    B, N, D, C, A, H, HD, HP, AP, CP = dims
     M = B * N
     e = lambda *s, dtype=cd: x.new_empty(s, dtype=dtype)
-    return (e(M, C) if C else e(0), e(M, AP) if A else e(0), e(M, dtype=torch.float32), e(M, dtype=torch.float32),
+    return (e(M, CP) if C else e(0), e(M, AP) if A else e(0), e(M, dtype=torch.float32), e(M, dtype=torch.float32),
             e(B, N, 3, H, HP) if A and with_qkv else e(0), e(B, N, H, HP) if A else e(0),
-            e(B, H, N, dtype=torch.float32) if A else e(0, dtype=torch.float32))
+            e(B, H, N, dtype=torch.float32) if A else e(0, dtype=torch.float32),
+            e(*_attn.bits_shape(B, H, N), dtype=torch.int32) if A and p_attn > 0 else e(0, dtype=torch.int32))
 
 
 # --- the same math in plain torch (the CPU path, not interpreted) ----------------------------------------
 
 def _ref_forward(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, gh, gw, dims, eps, cd):
-    B, N, D, C, A, H, HD, HP, AP = dims
+    B, N, D, C, A, H, HD, HP, AP, CP = dims
     M = B * N
     xf = x.float().reshape(M, D)
     mean = xf.mean(-1)
     rstd = torch.rsqrt((xf - mean[:, None]).square().mean(-1) + eps)
     y = (xf - mean[:, None]) * rstd[:, None] * norm_w.float() + norm_b.float()
-    y_conv, y_attn, _, _, qkv, o, lse = _empty_saved(x, dims, cd)
+    y_conv, y_attn, _, _, qkv, o, lse, bits = _empty_saved(x, dims, cd, 0.0)
     parts = []
     if C:
-        y_conv = y[:, :C].to(cd)
-        yc = y_conv.float().reshape(B, N, C)
+        y_conv = F.pad(y[:, :C], (0, CP - C)).to(cd)
+        yc = y_conv[:, :C].float().reshape(B, N, C)
         grid = yc[:, 1:].transpose(1, 2).reshape(B, C, gh, gw)
         conv = F.conv2d(grid, conv_w.to(cd).float(), padding=1, groups=C).flatten(2).transpose(1, 2)
         parts.append(torch.cat([yc[:, :1], conv], 1))
@@ -273,7 +278,7 @@ def _ref_forward(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale,
         parts.append(proj.reshape(B, N, A))
     z = torch.cat(parts, -1)
     out = (x.float() + scale[:, None, None] * z).to(x.dtype)
-    return out, y_conv, y_attn, mean, rstd, qkv, o, lse
+    return out, y_conv, y_attn, mean, rstd, qkv, o, lse, bits
 
 
 def _ref_attention_backward(qkv, o, do, lse, hd):
@@ -312,71 +317,73 @@ def _ref_layernorm_backward(x, norm_w, mean, rstd, dy, g):
 
 # --- the ops --------------------------------------------------------------------------------------------
 
-@triton_op("eit_fast::block_mixer", mutates_args=())
-def block_mixer(x: Tensor, norm_w: Tensor, norm_b: Tensor, conv_w: Optional[Tensor], qkv_w: Optional[Tensor],
-                qkv_b: Optional[Tensor], proj_w: Optional[Tensor], proj_b: Optional[Tensor], scale: Tensor,
-                seed: Tensor, grid_h: int, grid_w: int, num_heads: int, eps: float, p_attn: float, p_conv: float,
-                p_proj: float, compute_dtype: torch.dtype
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, and for the backward: y_conv, y_attn, mean, rstd, qkv, o, lse)."""
+def forward_impl(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed, grid_h, grid_w, num_heads,
+                 eps, p_attn, p_conv, p_proj, compute_dtype):
+    """The forward op's body (also called directly by the AOT tests, which record its launches)."""
     ps = (p_attn, p_conv, p_proj)
     _check(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed, grid_h, grid_w, num_heads, ps,
            compute_dtype)
     dims = _dims(x, conv_w, qkv_w, num_heads)
-    B, N, D, C, A, H, HD, HP, AP = dims
+    B, N, D, C, A, H, HD, HP, AP, CP = dims
     cd = compute_dtype
     if not _use_kernels(x):
         _no_cpu_dropout(ps)
         with _no_autocast(x.device.type):  # the op's dtypes are its arguments', as on CUDA
             return _ref_forward(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, grid_h, grid_w,
                                 dims, eps, cd)
-    y_conv, y_attn, mean, rstd, qkv, o, lse = _empty_saved(x, dims, cd, with_qkv=False)
-    _ln.launch_layernorm_forward(x, norm_w, norm_b, y_conv if C else None, y_attn if A else None, mean, rstd, eps,
-                                 wrap=wrap_triton)
+    y_conv, y_attn, mean, rstd, qkv, o, lse, bits = _empty_saved(x, dims, cd, p_attn, with_qkv=False)
+    _ln.launch_layernorm_forward(x, norm_w, norm_b, y_conv if C else None, y_attn if A else None, mean, rstd, C,
+                                 eps, wrap=wrap_triton)
     dot_opts = _attn.dot_options(cd)
     if A:
         wq, bq = pad_qkv(qkv_w, qkv_b, H, HP, AP)
         qkv = torch.addmm(bq.to(cd), y_attn, wq.to(cd).t()).view(B, N, 3, H, HP)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    conv_w_c = conv_w.to(cd).contiguous() if C else None
-    args = (x, y_conv if C else None, conv_w_c, qkv if A else None, o, lse, scale, seed)
+    args = (x, y_conv if C else None, _conv.tap_major(conv_w.to(cd), CP) if C else None, qkv if A else None)
 
-    def fwd(cfg, dest=(out, o, lse)):
-        _mix.launch_mixer_forward(*args[:4], dest[1], dest[2], scale, seed, dest[0], (grid_h, grid_w),
+    def fwd(cfg, dest=(out, o, lse, bits)):
+        _mix.launch_mixer_forward(*args, dest[1], dest[2], dest[3], scale, seed, dest[0], C, (grid_h, grid_w),
                                   max(HD, 1), p_attn, p_conv, cfg, CONV_TILE, dot_opts, wrap=wrap_triton)
 
     def measure_fwd(cfg):
-        dest = (torch.empty_like(out), torch.empty_like(o), torch.empty_like(lse))
+        dest = tuple(torch.empty_like(t) for t in (out, o, lse, bits))
         return _timer(x.device)(lambda: fwd(cfg, dest))
 
-    fwd(_choose("attn_fwd", x, cd, N, HP, measure_fwd) if A else configs("attn_fwd", cd, N, 8)[0])
+    fwd(_choose("attn_fwd", x, cd, N, HP, p_attn > 0, measure_fwd) if A else configs("attn_fwd", cd, N, 8)[0])
     if A:
         wp = pad_proj(proj_w, H, HP).to(cd).contiguous()
 
         def proj(cfg, dest=out):
             _mix.launch_projection(o, wp, proj_b, x, scale, seed, dest, p_proj, cfg, dot_opts, wrap=wrap_triton)
 
-        proj(_choose("proj", x, cd, N, HP, lambda cfg: _timer(x.device)(lambda: proj(cfg, torch.empty_like(out)))))
-    return out, y_conv, y_attn, mean, rstd, qkv, o, lse
+        proj(_choose("proj", x, cd, N, HP, p_attn > 0,
+                     lambda cfg: _timer(x.device)(lambda: proj(cfg, torch.empty_like(out)))))
+    return out, y_conv, y_attn, mean, rstd, qkv, o, lse, bits
+
+
+@triton_op("eit_fast::block_mixer", mutates_args=())
+def block_mixer(x: Tensor, norm_w: Tensor, norm_b: Tensor, conv_w: Optional[Tensor], qkv_w: Optional[Tensor],
+                qkv_b: Optional[Tensor], proj_w: Optional[Tensor], proj_b: Optional[Tensor], scale: Tensor,
+                seed: Tensor, grid_h: int, grid_w: int, num_heads: int, eps: float, p_attn: float, p_conv: float,
+                p_proj: float, compute_dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, and for the backward: y_conv, y_attn, mean, rstd, qkv, o, lse, dropout keep bits)."""
+    return forward_impl(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed, grid_h, grid_w,
+                        num_heads, eps, p_attn, p_conv, p_proj, compute_dtype)
 
 
 @block_mixer.register_fake
 def _(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed, grid_h, grid_w, num_heads, eps,
       p_attn, p_conv, p_proj, compute_dtype):
     dims = _dims(x, conv_w, qkv_w, num_heads)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), *_empty_saved(x, dims, compute_dtype))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *_empty_saved(x, dims, compute_dtype, p_attn))
 
 
-@triton_op("eit_fast::block_mixer_backward", mutates_args=())
-def block_mixer_backward(g: Tensor, x: Tensor, norm_w: Tensor, conv_w: Optional[Tensor], qkv_w: Optional[Tensor],
-                         proj_w: Optional[Tensor], y_conv: Tensor, y_attn: Tensor, mean: Tensor, rstd: Tensor,
-                         qkv: Tensor, o: Tensor, lse: Tensor, scale: Tensor, seed: Tensor, grid_h: int,
-                         grid_w: int, num_heads: int, p_attn: float, p_conv: float, p_proj: float,
-                         compute_dtype: torch.dtype
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dnorm_w, dnorm_b, dconv_w, dqkv_w, dqkv_b, dproj_w, dproj_b); empty tensors for an absent branch."""
+def backward_impl(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, bits, scale, seed,
+                  grid_h, grid_w, num_heads, p_attn, p_conv, p_proj, compute_dtype):
+    """The backward op's body (also called directly by the AOT tests)."""
     dims = _dims(x, conv_w, qkv_w, num_heads)
-    B, N, D, C, A, H, HD, HP, AP = dims
+    B, N, D, C, A, H, HD, HP, AP, CP = dims
     M = B * N
     cd = compute_dtype
     kernels = _use_kernels(g)
@@ -384,23 +391,24 @@ def block_mixer_backward(g: Tensor, x: Tensor, norm_w: Tensor, conv_w: Optional[
     dconv_w, dqkv_w, dqkv_b, dproj_w, dproj_b = e(), e(), e(), e(), e()
     dy_conv = dy_attn = None
     if kernels:
-        gz_conv = g.new_empty((M, C), dtype=cd) if C else None
+        gz_conv = g.new_empty((M, CP), dtype=cd) if C else None
         ga = g.new_empty((M, A), dtype=cd) if A else None
         dpb = _mix.launch_mixer_grad(g, scale, seed, gz_conv, ga, C, p_conv, p_proj, wrap=wrap_triton)
     else:
         _no_cpu_dropout((p_attn, p_conv, p_proj))
         gz = g.float() * scale[:, None, None]
-        gz_conv = gz[..., :C].reshape(M, C).to(cd) if C else None
+        gz_conv = gz[..., :C].reshape(M, C).to(cd) if C else None  # (M, C): the plain-torch path is unpadded
         dpb = gz[..., C:].reshape(M, A).sum(0) if A else None
         ga = gz[..., C:].reshape(M, A).to(cd) if A else None
     if C:
-        w = conv_w.to(cd).contiguous()
         if kernels:
-            dy_conv = g.new_empty((M, C), dtype=cd)
-            dw = _conv.launch_conv_backward(gz_conv.view(B, N, C), y_conv.view(B, N, C), w, dy_conv.view(B, N, C),
+            dy_conv = g.new_empty((M, CP), dtype=cd)
+            dw = _conv.launch_conv_backward(gz_conv.view(B, N, CP), y_conv.view(B, N, CP),
+                                            _conv.tap_major(conv_w.to(cd), CP), dy_conv.view(B, N, CP), C,
                                             (grid_h, grid_w), wrap=wrap_triton)
         else:
-            dy, dw = _ref_conv_backward(gz_conv.view(B, N, C), y_conv.view(B, N, C), w, grid_h, grid_w)
+            dy, dw = _ref_conv_backward(gz_conv.view(B, N, C), y_conv[:, :C].reshape(B, N, C), conv_w.to(cd), grid_h,
+                                        grid_w)
             dy_conv = dy.reshape(M, C).to(cd)
         dconv_w = dw.to(conv_w.dtype)
     if A:
@@ -412,29 +420,43 @@ def block_mixer_backward(g: Tensor, x: Tensor, norm_w: Tensor, conv_w: Optional[
             dqkv = torch.empty_like(qkv)
 
             def bwd(cfg, dest=dqkv):
-                _attn.launch_attention_backward(qkv, o, do, lse, seed, dest, HD, p_attn, cfg, wrap=wrap_triton)
+                return _attn.launch_attention_backward(qkv, o, do, lse, bits if p_attn > 0 else lse, dest, HD,
+                                                       p_attn, cfg, wrap=wrap_triton)
 
-            bwd(_choose("attn_bwd", g, cd, N, HP,
-                        lambda cfg: _timer(g.device)(lambda: bwd(cfg, torch.empty_like(dqkv)))))
+            dbq = bwd(_choose("attn_bwd", g, cd, N, HP, p_attn > 0,
+                              lambda cfg: _timer(g.device)(lambda: bwd(cfg, torch.empty_like(dqkv)))))
         else:
             dqkv = _ref_attention_backward(qkv, o, do, lse, HD)
+            dbq = dqkv.view(M, 3 * H * HP).sum(0, dtype=torch.float32)
         d2 = dqkv.view(M, 3 * H * HP)
         wq, _ = pad_qkv(qkv_w, qkv_w.new_zeros(3 * A), H, HP, AP)
-        dqkv_w, dqkv_b = unpad_qkv(d2.t() @ y_attn, d2.sum(0, dtype=torch.float32), H, HD, A)
+        dqkv_w, dqkv_b = unpad_qkv(d2.t() @ y_attn, dbq.reshape(-1), H, HD, A)
         dqkv_w, dqkv_b = dqkv_w.to(qkv_w.dtype), dqkv_b.to(qkv_w.dtype)
         dy_attn = d2 @ wq.to(cd)
     if kernels:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dnw, dnb = _ln.launch_layernorm_backward(x, norm_w, mean, rstd, dy_conv, dy_attn, g, dx, wrap=wrap_triton)
+        dnw, dnb = _ln.launch_layernorm_backward(x, norm_w, mean, rstd, dy_conv, dy_attn, g, dx, C, wrap=wrap_triton)
     else:
         parts = ([dy_conv.float()] if C else []) + ([dy_attn[:, :A].float()] if A else [])
         dx, dnw, dnb = _ref_layernorm_backward(x, norm_w, mean, rstd, torch.cat(parts, -1), g)
     return dx, dnw.to(norm_w.dtype), dnb.to(norm_w.dtype), dconv_w, dqkv_w, dqkv_b, dproj_w, dproj_b
 
 
+@triton_op("eit_fast::block_mixer_backward", mutates_args=())
+def block_mixer_backward(g: Tensor, x: Tensor, norm_w: Tensor, conv_w: Optional[Tensor], qkv_w: Optional[Tensor],
+                         proj_w: Optional[Tensor], y_conv: Tensor, y_attn: Tensor, mean: Tensor, rstd: Tensor,
+                         qkv: Tensor, o: Tensor, lse: Tensor, bits: Tensor, scale: Tensor, seed: Tensor, grid_h: int,
+                         grid_w: int, num_heads: int, p_attn: float, p_conv: float, p_proj: float,
+                         compute_dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dnorm_w, dnorm_b, dconv_w, dqkv_w, dqkv_b, dproj_w, dproj_b); empty tensors for an absent branch."""
+    return backward_impl(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, bits, scale,
+                         seed, grid_h, grid_w, num_heads, p_attn, p_conv, p_proj, compute_dtype)
+
+
 @block_mixer_backward.register_fake
-def _(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, scale, seed, grid_h, grid_w,
-      num_heads, p_attn, p_conv, p_proj, compute_dtype):
+def _(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, bits, scale, seed, grid_h,
+      grid_w, num_heads, p_attn, p_conv, p_proj, compute_dtype):
     like = lambda t: g.new_empty(0) if t is None else torch.empty_like(t)
     dqkv_b = g.new_empty(0) if qkv_w is None else qkv_w.new_empty(qkv_w.shape[:1])
     dproj_b = g.new_empty(0) if proj_w is None else proj_w.new_empty(proj_w.shape[:1])
@@ -445,17 +467,21 @@ def _(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, l
 def _setup_context(ctx, inputs, output):
     (x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed, gh, gw, heads, eps, pa, pc, pp,
      cd) = inputs
-    _, y_conv, y_attn, mean, rstd, qkv, o, lse = output
-    ctx.save_for_backward(x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, scale, seed)
+    _, y_conv, y_attn, mean, rstd, qkv, o, lse, bits = output
+    ctx.save_for_backward(x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, bits, scale,
+                          seed)
+    ctx.mark_non_differentiable(*output[1:])  # kept for the backward only: no zero-filled gradients for them
+    ctx.set_materialize_grads(False)
     ctx.args = (gh, gw, heads, pa, pc, pp, cd)
     ctx.has = (conv_w is not None, qkv_w is not None)
 
 
 def _backward(ctx, g, *_saved_grads):
-    x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, scale, seed = ctx.saved_tensors
+    x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, bits, scale, seed = ctx.saved_tensors
     with _no_autocast(g.device.type):  # a backward called under autocast keeps our dtypes
         dx, dnw, dnb, dcw, dqw, dqb, dpw, dpb = block_mixer_backward(
-            g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, scale, seed, *ctx.args)
+            g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rstd, qkv, o, lse, bits, scale, seed,
+            *ctx.args)
     has_conv, has_attn = ctx.has
     if not has_conv:
         dcw = None
