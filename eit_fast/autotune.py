@@ -101,6 +101,7 @@ class _Book:
 
 
 _BOOK = _Book()
+_GENERATION = 0  # bumped whenever the book changes under the modules' per-call caches
 _LOCK = threading.RLock()
 _TIMER: Callable = timing.side_by_side
 
@@ -110,6 +111,7 @@ def reset() -> None:
     global _BOOK
     with _LOCK:
         _BOOK = _Book()
+        _renew()
 
 
 @contextlib.contextmanager
@@ -390,11 +392,11 @@ class AutoSelected:
         else:
             sig = self._shape_sig(args)
             seen = self.__dict__.get("_traced_choices")
-            if seen is None or self.__dict__.get("_book") is not _BOOK or sig not in seen:
-                c = _resolve(self, args)  # a new case for this module (or a new book): look it up
+            if seen is None or self.__dict__.get("_book_generation") != _GENERATION or sig not in seen:
+                c = _resolve(self, args)  # a new case for this module (or a changed book): look it up
                 _BOOK.used[c.case] = c
-                if self.__dict__.get("_book") is not _BOOK:
-                    self.__dict__["_book"], self.__dict__["_traced_choices"] = _BOOK, {}
+                if self.__dict__.get("_book_generation") != _GENERATION:
+                    self.__dict__["_book_generation"], self.__dict__["_traced_choices"] = _GENERATION, {}
                 self.__dict__["_traced_choices"][sig] = c.impl == "fused"
             use_fused = self.__dict__["_traced_choices"][sig]
         return (self._fused_forward if use_fused else self._reference_forward)(self, *args)
@@ -482,9 +484,9 @@ def unpin() -> None:
 
 
 def _renew():
-    """A new book object with the same contents: every module's per-call cache of choices is invalidated."""
-    global _BOOK
-    _BOOK = _Book(**{k: getattr(_BOOK, k) for k in _Book.__dataclass_fields__})
+    """Invalidate every module's per-call cache of choices (the book changed)."""
+    global _GENERATION
+    _GENERATION += 1
 
 
 def pick(op: str, key: str, options: Sequence[str], measure: Optional[Callable[[str], float]] = None) -> str:
