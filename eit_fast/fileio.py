@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import traceback
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -193,6 +194,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], what: str
     except Exception as e:
         if isinstance(e, WriteError) or not _is_write_failure(e):
             raise
+        # The writer's frames still hold its open file (torch.save's zip writer): drop them, so the removed
+        # temporary file gives its space back before the free space is measured for the message.
+        chained = e
+        while chained is not None:
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
         left = _remove(tmp)
         tmp = None
         raise write_error(path, e, what, size_hint, last_good, left) from e
