@@ -201,8 +201,8 @@ def fused_kernel_works(name, args, out) -> list[tuple[str, Work]]:
         w.append(("mixer_fwd", attn + conv))
         if A:
             p = op.configs("proj", cd, N, HP, p_attn > 0)[0]
-            w.append(("proj_residual", Work(M * K * cs + A * K * cs + M * A * 2 * xs,
-                                            2 * _tiles(M, p["BLOCK_M"]) * _tiles(A, p["BLOCK_N"]) * _tiles(K, p["BLOCK_K"]))))
+            mma = 2 * _tiles(M, p["BLOCK_M"]) * _tiles(A, p["BLOCK_N"]) * _tiles(K, p["BLOCK_K"])
+            w.append(("proj_residual", Work(M * K * cs + A * K * cs + M * A * 2 * xs, mma)))
         return w
     gs = g.element_size()
     w.append(("mixer_grad", Work(M * D * gs + M * (C + A) * cs)))

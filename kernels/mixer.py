@@ -123,7 +123,8 @@ def mixer_grad_kernel(g_ptr, scale_ptr, seed_ptr, gzc_ptr, ga_ptr, dbias_ptr, M,
             kp = keep(seed_ptr, 2, rows[:, None] * A + ca[None, :], p_proj)
             g = tl.where(is_conv, g, tl.where(kp, g / (1.0 - p_proj), 0.0))
         tl.store(gzc_ptr + rows[:, None] * CP + ch[None, :], g.to(gzc_ptr.dtype.element_ty), mask=mask & is_conv)
-        tl.store(ga_ptr + rows[:, None] * A + ca[None, :], g.to(ga_ptr.dtype.element_ty), mask=mask & (ch >= C)[None, :])
+        tl.store(ga_ptr + rows[:, None] * A + ca[None, :], g.to(ga_ptr.dtype.element_ty),
+                 mask=mask & (ch >= C)[None, :])
         bias += tl.sum(g, 0)
     tl.store(dbias_ptr + split * A + ca, bias, mask=mask_c & (ca >= 0))
 
@@ -183,12 +184,13 @@ def launch_mixer_grad(g, scale, seed, gz_conv, ga, conv_dim: int, p_conv: float,
     M = B * N
     A = D - conv_dim
     CP = gz_conv.shape[-1] if conv_dim else 8
-    splits = max(1, min(GRAD_SPLITS, triton.cdiv(M, 4 * GRAD_BLOCK_R)))
+    conv_drop, proj_drop = p_conv > 0 and conv_dim > 0, p_proj > 0 and A > 0
+    br = GRAD_BLOCK_R // 2 if conv_drop and proj_drop else GRAD_BLOCK_R  # two generators: half the rows
+    splits = max(1, min(GRAD_SPLITS, triton.cdiv(M, 4 * br)))
     part = torch.empty((splits, max(A, 1)), device=g.device, dtype=torch.float32)
     gzc = gz_conv if conv_dim else ga
     gaa = ga if A else gz_conv
     wrap(mixer_grad_kernel)[(splits, triton.cdiv(D, GRAD_BLOCK_C))](
         g, scale, seed, gzc, gaa, part, M, N, D, conv_dim, CP, *g.stride(), p_conv, p_proj, splits,
-        BLOCK_R=GRAD_BLOCK_R, BLOCK_C=GRAD_BLOCK_C, CONV_DROPOUT=p_conv > 0 and conv_dim > 0,
-        PROJ_DROPOUT=p_proj > 0 and A > 0, num_warps=4)
+        BLOCK_R=br, BLOCK_C=GRAD_BLOCK_C, CONV_DROPOUT=conv_drop, PROJ_DROPOUT=proj_drop, num_warps=4)
     return part.sum(0) if A else None
