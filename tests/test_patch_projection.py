@@ -1,6 +1,7 @@
 """eit_fast::patch_projection (conv + max-pool stem in one op) against F.conv2d + F.max_pool2d: outputs and
-every gradient, both EIT stems, odd and non-square sizes, ties, NaN, gradcheck, opcheck, bad input, and the
-drop-in module."""
+every gradient, both EIT stems, odd and non-square sizes, ties, NaN, gradcheck, opcheck, bad input, the CPU
+micro-kernels (AVX2 always, AVX-512 where the CPU has it), channels_last input read without a copy, and the
+drop-in module. The same cases on a GPU: tests/test_stem_cuda.py."""
 import copy
 import warnings
 
@@ -61,6 +62,66 @@ def test_matches_conv_then_maxpool(case, dtype):
     assert rel(out, ref) < tol
     for got, want, name in zip(gout, gref, ("x", "weight", "bias")):
         assert rel(got, want) < tol, name
+
+
+@pytest.fixture(params=["avx2", "avx512", "generic"])
+def cpu_isa(request, monkeypatch):
+    """Forces a CPU micro-kernel (EIT_FAST_CPU_ISA); skips, saying why, where the CPU lacks it."""
+    monkeypatch.setenv("EIT_FAST_CPU_ISA", request.param)
+    try:
+        got = torch.ops.eit_fast.patch_projection_cpu_isa()
+    except RuntimeError as e:
+        pytest.skip(f"this CPU cannot run the {request.param} micro-kernel: {e}")
+    assert got == request.param
+    return got
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_{}x{}_D{}_k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_cpu_micro_kernel_matches(case, dtype, cpu_isa):
+    B, H, W, D, k, s, p = case
+    x, w, b = torch.randn(B, 3, H, W), torch.randn(D, 3, k, k) * (2 / (3 * k * k)) ** 0.5, torch.randn(D)
+    if dtype == torch.float32:
+        (ref, out), (gref, gout) = run_both(x, w, b, s, p)
+        assert rel(out, ref) < 1e-5 and all(rel(a, r) < 1e-5 for a, r in zip(gout, gref))
+        return
+    ref64 = reference(x.double(), w.double(), b.double(), s, p)
+    ref16, out16 = reference(x.bfloat16(), w.bfloat16(), b.bfloat16(), s, p), fused(x.bfloat16(), w.bfloat16(), b.bfloat16(), s, p)
+    assert out16.dtype == torch.bfloat16 and rel(out16, ref64) <= 2 * rel(ref16, ref64) + 1e-3
+
+
+def test_cpu_micro_kernel_choice(monkeypatch):
+    monkeypatch.delenv("EIT_FAST_CPU_ISA", raising=False)
+    best = torch.ops.eit_fast.patch_projection_cpu_isa()
+    assert best in ("avx512", "avx2", "generic")
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if " avx512f" in flags:
+        assert best == "avx512"
+    elif " avx2" in flags and " fma" in flags:
+        assert best == "avx2"
+    monkeypatch.setenv("EIT_FAST_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="must be avx512, avx2, generic or auto"):
+        torch.ops.eit_fast.patch_projection_cpu_isa()
+
+
+def copies_of(fn, shape):
+    """aten copies (clone, copy_, contiguous) of a tensor of `shape` made while fn() runs."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [e.name for e in prof.events()
+            if e.name in ("aten::clone", "aten::copy_", "aten::contiguous", "aten::_to_copy")
+            and any(list(sh) == list(shape) for sh in e.input_shapes)]
+
+
+def test_channels_last_input_is_read_as_it_is():
+    x = torch.randn(2, 3, 48, 44).to(memory_format=torch.channels_last)
+    w, b = torch.randn(20, 3, 16, 16) * 0.05, torch.randn(20)
+    assert not x.is_contiguous()
+    assert copies_of(lambda: fused(x, w, b, 4, 3), x.shape) == []
+    (ref, out), (gref, gout) = run_both(x, w, b, 4, 3)
+    assert rel(out, ref) < 1e-5 and all(rel(a, r) < 1e-5 for a, r in zip(gout, gref))
+    assert gout[0].is_contiguous(memory_format=torch.channels_last)  # dx in the input's memory format
 
 
 def test_random_sizes_beyond_the_named_ones():

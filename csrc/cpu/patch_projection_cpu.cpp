@@ -1,9 +1,16 @@
 // CPU implementation of the patch projection ops.
 //
 // Forward: the image is cut into tiles of pooled tokens. A tile's patches (every conv position its pool
-// windows cover) are gathered into a cache-sized matrix P; a register-blocked micro-kernel multiplies 6 rows
-// of P by 16 channels of the packed weights at a time (D is the vector dimension) and folds the result,
-// still in registers, into the tile's running max and argmax. Only pooled tokens are written; the conv map never exists.
+// windows cover) are gathered into a cache-sized buffer as panels of MR rows, [K/16][MR][16]: a contiguous
+// run of x (a 16-pixel kernel row) is one 64-byte copy, and the micro-kernel broadcasts each patch value
+// from a fixed offset. The micro-kernel multiplies MR rows by NR channels of the packed weights (D is the
+// vector dimension) and folds the result, still in registers, into the tile's running max and argmax. Only
+// pooled tokens are written; the conv map never exists.
+// Micro-kernels, chosen at run time (EIT_FAST_CPU_ISA=avx2|avx512|generic forces one): AVX-512 12 x 32 (24
+// zmm accumulators), AVX2 + FMA 6 x 16 (12 ymm), and a generic one (any dtype).
+// x is read with its own strides: NCHW rows run along kw, channels_last (NHWC) rows run over (kw, c), k*C
+// values at a time, so patch elements are then ordered (kh, kw, c) and the weights are packed to match;
+// other strides are read element by element. No copy of x is made.
 // Backward follows each pooled gradient to its argmax conv position only (see backward_weight_cpu).
 // Arithmetic in float for fp32/bf16 inputs, double for fp64.
 #include <ATen/ATen.h>
@@ -14,8 +21,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -28,60 +37,175 @@
 namespace eit_fast {
 namespace {
 
-constexpr int64_t MR = 6;   // micro-kernel rows (tokens at one window offset)
-constexpr int64_t NR = 16;  // micro-kernel columns (channels)
+// ---- how x is read -----------------------------------------------------------------------------------------
 
-// One step of the fused conv + max-pool for MR tokens x NR channels at window offset w:
-//   v[r][j] = bias[j] + sum_kk P[r*K + kk] * W[kk*NR + j]
+// Strides of x and the order of a patch's elements ("kidx"): (c, kh, kw), or (kh, kw, c) for channels_last.
+struct XView {
+  enum Kind { nchw, nhwc, strided } kind;
+  int64_t sB, sC, sH, sW;
+};
+
+XView view_of(const at::Tensor& x) {
+  XView v{XView::strided, x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  if (v.sW == 1) v.kind = XView::nchw;
+  else if (v.sC == 1 && v.sW == x.size(1) && x.size(1) > 1) v.kind = XView::nhwc;
+  return v;
+}
+
+// Natural index ((c * k + kh) * k + kw) of each kidx in this view's order.
+std::vector<int64_t> natural_index(const PatchShape& s, const XView& v) {
+  std::vector<int64_t> nat(size_t(s.K()));
+  for (int64_t i = 0; i < s.K(); ++i) {
+    if (v.kind != XView::nhwc) {
+      nat[size_t(i)] = i;
+    } else {
+      const int64_t c = i % s.C, r = i / s.C, kw = r % s.k, kh = r / s.k;
+      nat[size_t(i)] = (c * s.k + kh) * s.k + kw;
+    }
+  }
+  return nat;
+}
+
+// Walks the patch of the conv position whose first input pixel is (iy0, ix0) in image b, in kidx order:
+// copy(kidx, offset, n) for n elements contiguous in x from `offset` (n = 1 for other strides),
+// zero(kidx, n) for n elements in the zero padding.
+template <class Copy, class Zero>
+inline void for_runs(const PatchShape& s, const XView& v, int64_t b, int64_t iy0, int64_t ix0, Copy&& copy,
+                     Zero&& zero) {
+  const int64_t k = s.k;
+  const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k), kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
+  const int64_t base = b * v.sB + ix0 * v.sW;
+  if (v.kind == XView::nhwc) {  // rows of k*C values
+    const int64_t row = k * s.C;
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t iy = iy0 + kh, kidx = kh * row;
+      if (iy < 0 || iy >= s.H) { zero(kidx, row); continue; }
+      if (kw_lo > 0) zero(kidx, kw_lo * s.C);
+      if (kw_hi > kw_lo) copy(kidx + kw_lo * s.C, base + iy * v.sH + kw_lo * s.C, (kw_hi - kw_lo) * s.C);
+      if (kw_hi < k) zero(kidx + kw_hi * s.C, (k - kw_hi) * s.C);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t iy = iy0 + kh, kidx = (c * k + kh) * k;
+      if (iy < 0 || iy >= s.H) { zero(kidx, k); continue; }
+      if (kw_lo > 0) zero(kidx, kw_lo);
+      const int64_t off = base + c * v.sC + iy * v.sH;
+      if (v.kind == XView::nchw) {
+        if (kw_hi > kw_lo) copy(kidx + kw_lo, off + kw_lo, kw_hi - kw_lo);
+      } else {
+        for (int64_t kw = kw_lo; kw < kw_hi; ++kw) copy(kidx + kw, off + kw * v.sW, 1);
+      }
+      if (kw_hi < k) zero(kidx + kw_hi, k - kw_hi);
+    }
+}
+
+// First input pixel of conv row (token t of the image, window offset w).
+inline void conv_origin(const PatchShape& s, int64_t t, int64_t w, int64_t& iy0, int64_t& ix0) {
+  iy0 = ((t / s.Wp) * s.pool + w / s.pool) * s.stride - s.pad;
+  ix0 = ((t % s.Wp) * s.pool + w % s.pool) * s.stride - s.pad;
+}
+
+// The patch of conv row (b, t, w) into dst[kidx] (one contiguous row).
+template <typename scalar_t, typename acc_t>
+inline void gather_row(const PatchShape& s, const XView& v, const scalar_t* x, int64_t b, int64_t t, int64_t w,
+                       acc_t* dst) {
+  int64_t iy0, ix0;
+  conv_origin(s, t, w, iy0, ix0);
+  for_runs(s, v, b, iy0, ix0,
+           [&](int64_t kidx, int64_t off, int64_t n) {
+             for (int64_t i = 0; i < n; ++i) dst[kidx + i] = static_cast<acc_t>(x[off + i]);
+           },
+           [&](int64_t kidx, int64_t n) { std::fill(dst + kidx, dst + kidx + n, acc_t(0)); });
+}
+
+constexpr int64_t KC = 16;  // patch elements per panel chunk
+
+// The patch of conv row (b, t, w) as row r of an MR-row panel [K/KC][MR][KC] at dst.
+template <int MR, typename scalar_t, typename acc_t>
+inline void gather_panel_row(const PatchShape& s, const XView& v, const scalar_t* x, int64_t b, int64_t t,
+                             int64_t w, acc_t* dst, int r) {
+  auto at = [&](int64_t kidx) { return dst + ((kidx / KC) * MR + r) * KC + kidx % KC; };
+  int64_t iy0, ix0;
+  conv_origin(s, t, w, iy0, ix0);
+  for_runs(s, v, b, iy0, ix0,
+           [&](int64_t kidx, int64_t off, int64_t n) {
+             while (n > 0) {  // split at chunk boundaries; each piece is contiguous at both ends
+               const int64_t m = std::min(n, KC - kidx % KC);
+               acc_t* d = at(kidx);
+               for (int64_t i = 0; i < m; ++i) d[i] = static_cast<acc_t>(x[off + i]);
+               kidx += m, off += m, n -= m;
+             }
+           },
+           [&](int64_t kidx, int64_t n) {
+             while (n > 0) {
+               const int64_t m = std::min(n, KC - kidx % KC);
+               std::fill(at(kidx), at(kidx) + m, acc_t(0));
+               kidx += m, n -= m;
+             }
+           });
+}
+
+// ---- micro-kernels -----------------------------------------------------------------------------------------
+
+// One step of the fused conv + max-pool for MR rows (tokens at one window offset) x NR channels:
+//   v[r][j] = bias[j] + sum_kk P[r][kk] * W[kk * NR + j],  P[r][kk] at ((kk / KC) * MR + r) * KC + kk % KC
 //   best[r][j], best_w[r][j] <- v[r][j], w   when w == 0, v > best or v is NaN
 // which is PyTorch's max-pool rule (the first maximum in window order wins ties; NaN propagates).
 template <typename acc_t>
-void micro_kernel_generic(const acc_t* P, int64_t K, const acc_t* W, const acc_t* bias, acc_t* best,
+using MicroKernel = void (*)(const acc_t* P, int64_t chunks, const acc_t* W, const acc_t* bias, acc_t* best,
+                             int32_t* best_w, int32_t w);
+
+template <typename acc_t, int MR, int NR>
+void micro_kernel_generic(const acc_t* P, int64_t chunks, const acc_t* W, const acc_t* bias, acc_t* best,
                           int32_t* best_w, int32_t w) {
   acc_t acc[MR][NR] = {};
-  for (int64_t kk = 0; kk < K; ++kk)
-    for (int64_t r = 0; r < MR; ++r) {
-      const acc_t a = P[r * K + kk];
-      for (int64_t j = 0; j < NR; ++j) acc[r][j] += a * W[kk * NR + j];
+  for (int64_t kk = 0; kk < chunks * KC; ++kk)
+    for (int r = 0; r < MR; ++r) {
+      const acc_t a = P[((kk / KC) * MR + r) * KC + kk % KC];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a * W[kk * NR + j];
     }
-  for (int64_t r = 0; r < MR; ++r)
-    for (int64_t j = 0; j < NR; ++j) {
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) {
       const acc_t v = acc[r][j] + bias[j];
       if (w == 0 || v > best[r * NR + j] || std::isnan(v)) { best[r * NR + j] = v; best_w[r * NR + j] = w; }
     }
 }
 
 #ifdef EIT_FAST_X86
-// The same with AVX2 + FMA: 12 accumulators, 2 weight vectors and a broadcast fill the 16 ymm registers.
-__attribute__((target("avx2,fma"))) void micro_kernel_avx2(const float* P, int64_t K, const float* W,
+// AVX2 + FMA, 6 x 16: 12 accumulators, 2 weight vectors and a broadcast fill the 16 ymm registers. Named
+// accumulators: an array here makes GCC store them to the stack on every iteration.
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2(const float* P, int64_t chunks, const float* W,
                                                             const float* bias, float* best, int32_t* best_w,
                                                             int32_t w) {
-  // Twelve named accumulators: an array here makes GCC store them to the stack on every iteration.
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t kk = 0; kk < K; ++kk) {
-    const __m256 w0 = _mm256_loadu_ps(W + kk * NR), w1 = _mm256_loadu_ps(W + kk * NR + 8);
-    const float* p = P + kk;
-    __m256 a = _mm256_broadcast_ss(p);
-    c00 = _mm256_fmadd_ps(a, w0, c00); c01 = _mm256_fmadd_ps(a, w1, c01);
-    a = _mm256_broadcast_ss(p + K);
-    c10 = _mm256_fmadd_ps(a, w0, c10); c11 = _mm256_fmadd_ps(a, w1, c11);
-    a = _mm256_broadcast_ss(p + 2 * K);
-    c20 = _mm256_fmadd_ps(a, w0, c20); c21 = _mm256_fmadd_ps(a, w1, c21);
-    a = _mm256_broadcast_ss(p + 3 * K);
-    c30 = _mm256_fmadd_ps(a, w0, c30); c31 = _mm256_fmadd_ps(a, w1, c31);
-    a = _mm256_broadcast_ss(p + 4 * K);
-    c40 = _mm256_fmadd_ps(a, w0, c40); c41 = _mm256_fmadd_ps(a, w1, c41);
-    a = _mm256_broadcast_ss(p + 5 * K);
-    c50 = _mm256_fmadd_ps(a, w0, c50); c51 = _mm256_fmadd_ps(a, w1, c51);
+  for (int64_t ch = 0; ch < chunks; ++ch, P += 6 * KC, W += KC * 16) {
+#pragma GCC unroll 16
+    for (int kw = 0; kw < KC; ++kw) {
+      const __m256 w0 = _mm256_loadu_ps(W + kw * 16), w1 = _mm256_loadu_ps(W + kw * 16 + 8);
+      __m256 a = _mm256_broadcast_ss(P + kw);
+      c00 = _mm256_fmadd_ps(a, w0, c00); c01 = _mm256_fmadd_ps(a, w1, c01);
+      a = _mm256_broadcast_ss(P + KC + kw);
+      c10 = _mm256_fmadd_ps(a, w0, c10); c11 = _mm256_fmadd_ps(a, w1, c11);
+      a = _mm256_broadcast_ss(P + 2 * KC + kw);
+      c20 = _mm256_fmadd_ps(a, w0, c20); c21 = _mm256_fmadd_ps(a, w1, c21);
+      a = _mm256_broadcast_ss(P + 3 * KC + kw);
+      c30 = _mm256_fmadd_ps(a, w0, c30); c31 = _mm256_fmadd_ps(a, w1, c31);
+      a = _mm256_broadcast_ss(P + 4 * KC + kw);
+      c40 = _mm256_fmadd_ps(a, w0, c40); c41 = _mm256_fmadd_ps(a, w1, c41);
+      a = _mm256_broadcast_ss(P + 5 * KC + kw);
+      c50 = _mm256_fmadd_ps(a, w0, c50); c51 = _mm256_fmadd_ps(a, w1, c51);
+    }
   }
-  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  const __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   const __m256 wv = _mm256_castsi256_ps(_mm256_set1_epi32(w));
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-  for (int64_t r = 0; r < MR; ++r)
-    for (int64_t h = 0; h < 2; ++h) {
-      float* bp = best + r * NR + 8 * h;
-      float* ip = reinterpret_cast<float*>(best_w + r * NR + 8 * h);
+  for (int r = 0; r < 6; ++r)
+    for (int h = 0; h < 2; ++h) {
+      float* bp = best + r * 16 + 8 * h;
+      float* ip = reinterpret_cast<float*>(best_w + r * 16 + 8 * h);
       const __m256 v = _mm256_add_ps(acc[r][h], _mm256_loadu_ps(bias + 8 * h));
       const __m256 b = _mm256_loadu_ps(bp);
       const __m256 take = w == 0 ? all : _mm256_or_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
@@ -89,111 +213,169 @@ __attribute__((target("avx2,fma"))) void micro_kernel_avx2(const float* P, int64
       _mm256_storeu_ps(ip, _mm256_blendv_ps(_mm256_loadu_ps(ip), wv, take));
     }
 }
-#endif
 
-template <typename acc_t>
-using MicroKernel = void (*)(const acc_t*, int64_t, const acc_t*, const acc_t*, acc_t*, int32_t*, int32_t);
-
-template <typename acc_t>
-MicroKernel<acc_t> pick_micro_kernel() {
-  if constexpr (std::is_same_v<acc_t, float>) {
-#ifdef EIT_FAST_X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &micro_kernel_avx2;
-#endif
+// AVX-512, 12 x 32: 24 zmm accumulators, 2 weight vectors and a broadcast (27 of the 32 registers).
+#define EIT_ROW(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
+#define EIT_FMA(r)                                        \
+  {                                                       \
+    const __m512 a = _mm512_set1_ps(P[0x##r * KC + kw]);  \
+    c##r##0 = _mm512_fmadd_ps(a, w0, c##r##0);            \
+    c##r##1 = _mm512_fmadd_ps(a, w1, c##r##1);            \
   }
-  return &micro_kernel_generic<acc_t>;
+#define EIT_FOLD(r, v0, v1) fold_avx512(r, v0, v1, bias, best, best_w, w);
+// best, best_w <- v + bias, w where w == 0, the new value is larger or NaN (two 16-lane halves of a row)
+__attribute__((target("avx512f"))) inline void fold_avx512(int r, __m512 v0, __m512 v1, const float* bias,
+                                                            float* best, int32_t* best_w, int32_t w) {
+  const __m512 v[2] = {_mm512_add_ps(v0, _mm512_loadu_ps(bias)), _mm512_add_ps(v1, _mm512_loadu_ps(bias + 16))};
+  const __m512i wv = _mm512_set1_epi32(w);
+  for (int h = 0; h < 2; ++h) {
+    float* bp = best + r * 32 + 16 * h;
+    int32_t* ip = best_w + r * 32 + 16 * h;
+    const __m512 b = _mm512_loadu_ps(bp);
+    const __mmask16 take = w == 0 ? __mmask16(0xffff)
+                                  : __mmask16(_mm512_cmp_ps_mask(v[h], b, _CMP_GT_OQ) |
+                                              _mm512_cmp_ps_mask(v[h], v[h], _CMP_UNORD_Q));
+    _mm512_storeu_ps(bp, _mm512_mask_blend_ps(take, b, v[h]));
+    _mm512_storeu_si512(ip, _mm512_mask_blend_epi32(take, _mm512_loadu_si512(ip), wv));
+  }
+}
+__attribute__((target("avx512f"))) void micro_kernel_avx512(const float* P, int64_t chunks, const float* W,
+                                                             const float* bias, float* best, int32_t* best_w,
+                                                             int32_t w) {
+  EIT_ROW(0) EIT_ROW(1) EIT_ROW(2) EIT_ROW(3) EIT_ROW(4) EIT_ROW(5)
+  EIT_ROW(6) EIT_ROW(7) EIT_ROW(8) EIT_ROW(9) EIT_ROW(a) EIT_ROW(b)
+  for (int64_t ch = 0; ch < chunks; ++ch, P += 12 * KC, W += KC * 32) {
+#pragma GCC unroll 16
+    for (int kw = 0; kw < KC; ++kw) {
+      const __m512 w0 = _mm512_loadu_ps(W + kw * 32), w1 = _mm512_loadu_ps(W + kw * 32 + 16);
+      EIT_FMA(0) EIT_FMA(1) EIT_FMA(2) EIT_FMA(3) EIT_FMA(4) EIT_FMA(5)
+      EIT_FMA(6) EIT_FMA(7) EIT_FMA(8) EIT_FMA(9) EIT_FMA(a) EIT_FMA(b)
+    }
+  }
+  EIT_FOLD(0, c00, c01) EIT_FOLD(1, c10, c11) EIT_FOLD(2, c20, c21) EIT_FOLD(3, c30, c31)
+  EIT_FOLD(4, c40, c41) EIT_FOLD(5, c50, c51) EIT_FOLD(6, c60, c61) EIT_FOLD(7, c70, c71)
+  EIT_FOLD(8, c80, c81) EIT_FOLD(9, c90, c91) EIT_FOLD(10, ca0, ca1) EIT_FOLD(11, cb0, cb1)
+}
+#undef EIT_ROW
+#undef EIT_FMA
+#undef EIT_FOLD
+#endif
+
+// ---- which micro-kernel --------------------------------------------------------------------------------------
+
+enum class Isa { generic, avx2, avx512 };
+
+bool supported(Isa isa) {
+#ifdef EIT_FAST_X86
+  if (isa == Isa::avx512) return __builtin_cpu_supports("avx512f");
+  if (isa == Isa::avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == Isa::generic;
 }
 
-// P[tt * tok_stride + w * win_stride][c*k*k + kh*k + kw]: the patches of tokens [t0, t0 + nt) of image b.
-template <typename scalar_t, typename acc_t>
-void gather_patches(const PatchShape& s, const scalar_t* x, int64_t b, int64_t t0, int64_t nt,
-                    int64_t tok_stride, int64_t win_stride, acc_t* P) {
-  const int64_t K = s.K(), k = s.k;
-  for (int64_t tt = 0; tt < nt; ++tt) {
-    const int64_t t = t0 + tt, ph = t / s.Wp, pw = t % s.Wp;
-    for (int64_t w = 0; w < s.window(); ++w) {
-      acc_t* row = P + (tt * tok_stride + w * win_stride) * K;
-      const int64_t iy0 = (ph * s.pool + w / s.pool) * s.stride - s.pad;
-      const int64_t ix0 = (pw * s.pool + w % s.pool) * s.stride - s.pad;
-      const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k), kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
-      for (int64_t c = 0; c < s.C; ++c) {
-        for (int64_t kh = 0; kh < k; ++kh) {
-          acc_t* dst = row + (c * k + kh) * k;
-          const int64_t iy = iy0 + kh;
-          if (iy < 0 || iy >= s.H) {
-            std::fill(dst, dst + k, acc_t(0));
-            continue;
+// The best this CPU has, unless EIT_FAST_CPU_ISA names one (read at every call, so tests can switch it).
+Isa cpu_isa() {
+  const char* env = std::getenv("EIT_FAST_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") {
+    for (Isa isa : {Isa::avx512, Isa::avx2})
+      if (supported(isa)) return isa;
+    return Isa::generic;
+  }
+  const Isa isa = want == "avx512" ? Isa::avx512 : want == "avx2" ? Isa::avx2 : Isa::generic;
+  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "generic",
+              "EIT_FAST_CPU_ISA must be avx512, avx2, generic or auto, got '", want, "'");
+  TORCH_CHECK(supported(isa), "EIT_FAST_CPU_ISA=", want, " but this CPU does not support it");
+  return isa;
+}
+
+std::string isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic"; }
+
+// ---- forward -------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int MR, int NR>
+void forward_tiles(const PatchShape& s, const XView& v, const scalar_t* xptr, const at::Tensor& weight,
+                   const at::Tensor& bias, scalar_t* optr, uint8_t* aptr, MicroKernel<acc_t> mk) {
+  const int64_t K = s.K(), chunks = (K + KC - 1) / KC, Kp = chunks * KC, D = s.D, win = s.window();
+  const int64_t panels = (D + NR - 1) / NR, Dpad = panels * NR;
+  // Weights packed in panels of NR channels, (panels, Kp, NR) in kidx order, zero-padded: each micro-kernel
+  // call streams one contiguous panel. Bias zero-padded to Dpad.
+  std::vector<acc_t> wpk(size_t(panels * Kp * NR), acc_t(0)), bpad(size_t(Dpad), acc_t(0));
+  {
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor w = weight.detach().reshape({D, K}).to(acc_type).contiguous();
+    const at::Tensor bb = bias.detach().to(acc_type).contiguous();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const std::vector<int64_t> nat = natural_index(s, v);
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t kk = 0; kk < K; ++kk) wpk[size_t(((d / NR) * Kp + kk) * NR + d % NR)] = wp[d * K + nat[size_t(kk)]];
+      bpad[size_t(d)] = bb.data_ptr<acc_t>()[d];
+    }
+  }
+  // Tokens per tile, a multiple of MR: the tile's patches (window x tokens x Kp) stay within about 256 KB.
+  const int64_t fit = (256 * 1024) / int64_t(win * Kp * int64_t(sizeof(acc_t)));
+  const int64_t tpt = std::min(std::max<int64_t>(MR, fit / MR * MR), (s.T() + MR - 1) / MR * MR);
+  const int64_t tiles = (s.T() + tpt - 1) / tpt;
+  at::parallel_for(0, s.B * tiles, 1, [&](int64_t begin, int64_t end) {
+    // P: per window, panels of MR tokens, each [Kp / KC][MR][KC]; best / best_w: the running max and its
+    // window index, (panels, tokens, NR).
+    std::vector<acc_t> P(size_t(win * tpt * Kp)), best(size_t(panels * tpt * NR));
+    std::vector<int32_t> best_w(size_t(panels * tpt * NR));
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / tiles, t0 = (u % tiles) * tpt, nt = std::min(tpt, s.T() - t0);
+      const int64_t ntp = (nt + MR - 1) / MR * MR;  // padded to whole micro-kernel rows (zero patches)
+      for (int64_t w = 0; w < win; ++w)
+        for (int64_t tt = 0; tt < ntp; tt += MR) {
+          acc_t* panel = P.data() + (w * tpt + tt) * Kp;
+          if (Kp > K)  // the last chunk's tail: zero (the padded weights are zero too, but 0 * garbage is not)
+            for (int r = 0; r < MR; ++r) std::fill(panel + ((chunks - 1) * MR + r) * KC, panel + ((chunks - 1) * MR + r + 1) * KC, acc_t(0));
+          for (int r = 0; r < MR; ++r) {
+            if (tt + r < nt) gather_panel_row<MR>(s, v, xptr, b, t0 + tt + r, w, panel, r);
+            else for (int64_t ch = 0; ch < chunks; ++ch) std::fill(panel + (ch * MR + r) * KC, panel + (ch * MR + r + 1) * KC, acc_t(0));
           }
-          const scalar_t* src = x + ((b * s.C + c) * s.H + iy) * s.W + ix0;
-          for (int64_t kw = 0; kw < kw_lo; ++kw) dst[kw] = acc_t(0);
-          for (int64_t kw = kw_lo; kw < kw_hi; ++kw) dst[kw] = static_cast<acc_t>(src[kw]);
-          for (int64_t kw = kw_hi; kw < k; ++kw) dst[kw] = acc_t(0);
+        }
+      for (int64_t pn = 0; pn < panels; ++pn)
+        for (int64_t w = 0; w < win; ++w)
+          for (int64_t tb = 0; tb < ntp; tb += MR)
+            mk(P.data() + (w * tpt + tb) * Kp, chunks, wpk.data() + pn * Kp * NR, bpad.data() + pn * NR,
+               best.data() + (pn * tpt + tb) * NR, best_w.data() + (pn * tpt + tb) * NR, int32_t(w));
+      for (int64_t tt = 0; tt < nt; ++tt) {
+        const int64_t n = b * s.T() + t0 + tt;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t i = ((d / NR) * tpt + tt) * NR + d % NR;
+          optr[n * D + d] = static_cast<scalar_t>(best[size_t(i)]);
+          aptr[n * D + d] = uint8_t(best_w[size_t(i)]);
         }
       }
     }
-  }
+  });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
-                                               const at::Tensor& bias, int64_t stride, int64_t padding,
-                                               int64_t pool) {
-  const PatchShape s = check_forward_args(x_in, weight, bias, stride, padding, pool);
-  const at::Tensor x = x_in.contiguous();
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                               int64_t stride, int64_t padding, int64_t pool) {
+  const PatchShape s = check_forward_args(x, weight, bias, stride, padding, pool);
+  const XView v = view_of(x);
   at::Tensor out = at::empty({s.B, s.T(), s.D}, x.options());
   at::Tensor argmax = at::empty({s.B, s.T(), s.D}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, argmax};
+  const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "eit_fast::patch_projection (CPU)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t K = s.K(), D = s.D, win = s.window(), panels = (D + NR - 1) / NR, Dpad = panels * NR;
-    // Weights packed in panels of NR channels, (panels, K, NR), zero-padded: each micro-kernel call streams
-    // one contiguous panel. Bias zero-padded to Dpad.
-    std::vector<acc_t> wpk(panels * K * NR, acc_t(0)), bpad(Dpad, acc_t(0));
-    {
-      const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-      const at::Tensor w = weight.detach().reshape({D, K}).to(acc_type).contiguous();
-      const at::Tensor bb = bias.detach().to(acc_type).contiguous();
-      const acc_t* wp = w.data_ptr<acc_t>();
-      for (int64_t d = 0; d < D; ++d) {
-        for (int64_t kk = 0; kk < K; ++kk) wpk[((d / NR) * K + kk) * NR + d % NR] = wp[d * K + kk];
-        bpad[d] = bb.data_ptr<acc_t>()[d];
-      }
-    }
-    // Tokens per tile, a multiple of MR: P (window x tokens x K) stays within about 256 KB.
-    const int64_t fit = (256 * 1024) / int64_t(win * K * sizeof(acc_t));
-    const int64_t tpt = std::min(std::max<int64_t>(MR, fit / MR * MR), (s.T() + MR - 1) / MR * MR);
-    const int64_t tiles = (s.T() + tpt - 1) / tpt;
-    const MicroKernel<acc_t> mk = pick_micro_kernel<acc_t>();
-    const scalar_t* xptr = x.data_ptr<scalar_t>();
+    const scalar_t* xptr = x.const_data_ptr<scalar_t>();
     scalar_t* optr = out.data_ptr<scalar_t>();
     uint8_t* aptr = argmax.data_ptr<uint8_t>();
-    at::parallel_for(0, s.B * tiles, 1, [&](int64_t begin, int64_t end) {
-      // best / best_w: the tile's running max and its window index, (panels, tokens, NR).
-      std::vector<acc_t> P(win * tpt * K), best(panels * tpt * NR);
-      std::vector<int32_t> best_w(panels * tpt * NR);
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = u / tiles, t0 = (u % tiles) * tpt, nt = std::min(tpt, s.T() - t0);
-        const int64_t ntp = (nt + MR - 1) / MR * MR;  // padded to whole micro-kernel rows (zero patches)
-        for (int64_t w = 0; w < win; ++w)
-          std::fill(P.begin() + (w * ntp + nt) * K, P.begin() + (w + 1) * ntp * K, acc_t(0));
-        gather_patches(s, xptr, b, t0, nt, 1, ntp, P.data());  // rows (w, tt): MR tokens at one offset
-        for (int64_t pn = 0; pn < panels; ++pn)
-          for (int64_t w = 0; w < win; ++w)
-            for (int64_t tb = 0; tb < ntp; tb += MR)
-              mk(P.data() + (w * ntp + tb) * K, K, wpk.data() + pn * K * NR, bpad.data() + pn * NR,
-                 best.data() + (pn * tpt + tb) * NR, best_w.data() + (pn * tpt + tb) * NR, int32_t(w));
-        for (int64_t tt = 0; tt < nt; ++tt) {
-          const int64_t n = b * s.T() + t0 + tt;
-          for (int64_t d = 0; d < D; ++d) {
-            const int64_t i = ((d / NR) * tpt + tt) * NR + d % NR;
-            optr[n * D + d] = static_cast<scalar_t>(best[i]);
-            aptr[n * D + d] = uint8_t(best_w[i]);
-          }
-        }
-      }
-    });
+    if constexpr (std::is_same_v<acc_t, float>) {
+#ifdef EIT_FAST_X86
+      if (isa == Isa::avx512) return forward_tiles<scalar_t, float, 12, 32>(s, v, xptr, weight, bias, optr, aptr, &micro_kernel_avx512);
+      if (isa == Isa::avx2) return forward_tiles<scalar_t, float, 6, 16>(s, v, xptr, weight, bias, optr, aptr, &micro_kernel_avx2);
+#endif
+    }
+    forward_tiles<scalar_t, acc_t, 6, 16>(s, v, xptr, weight, bias, optr, aptr, &micro_kernel_generic<acc_t, 6, 16>);
   });
   return {out, argmax};
 }
+
+// ---- backward --------------------------------------------------------------------------------------------------
 
 // The backward is sparse: each pooled gradient g[n][d] belongs to one conv position, the argmax window w, so
 // dW[d] += g[n][d] * P[n][w] and dP[n][w] += g[n][d] * W[d] (rows of length C*k*k), which is window^2 times
@@ -229,11 +411,18 @@ void nonfinite_like_reference(const at::Tensor& dweight, const at::Tensor& grad,
   dweight.view({D, K}).masked_fill_(zero_times_bad.gt(0), std::numeric_limits<double>::quiet_NaN());
 }
 
+// (D, K) in kidx order -> (D, C, k, k)
+at::Tensor to_natural(const at::Tensor& dw_kidx, const PatchShape& s, const XView& v) {
+  if (v.kind != XView::nhwc) return dw_kidx.view({s.D, s.C, s.k, s.k});
+  return dw_kidx.view({s.D, s.k, s.k, s.C}).permute({0, 3, 1, 2}).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in, const at::Tensor& argmax_in,
-                                                       const at::Tensor& x_in, const at::Tensor& weight,
+                                                       const at::Tensor& x, const at::Tensor& weight,
                                                        int64_t stride, int64_t padding, int64_t pool) {
-  const PatchShape s = check_backward_args(grad_in, argmax_in, x_in, weight, stride, padding, pool);
-  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous(), x = x_in.contiguous();
+  const PatchShape s = check_backward_args(grad_in, argmax_in, x, weight, stride, padding, pool);
+  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous();
+  const XView v = view_of(x);
   at::Tensor dweight, dbias;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "eit_fast::patch_projection_backward_weight (CPU)",
                                  [&] {
@@ -242,15 +431,15 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in
     const int64_t K = s.K(), D = s.D, win = s.window(), T = s.T();
     // One (D, K) accumulator per thread, summed at the end: no shared writes in the parallel loop.
     at::Tensor partial = at::zeros({at::get_num_threads(), D, K}, acc_opts);
-    const scalar_t* xptr = x.data_ptr<scalar_t>();
-    const scalar_t* gptr = grad.data_ptr<scalar_t>();
-    const uint8_t* aptr = argmax.data_ptr<uint8_t>();
+    const scalar_t* xptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* gptr = grad.const_data_ptr<scalar_t>();
+    const uint8_t* aptr = argmax.const_data_ptr<uint8_t>();
     acc_t* part = partial.data_ptr<acc_t>();
     at::parallel_for(0, s.N(), 1, [&](int64_t begin, int64_t end) {
       acc_t* dw = part + at::get_thread_num() * D * K;
-      std::vector<acc_t> P(win * K);
+      std::vector<acc_t> P(size_t(win * K));
       for (int64_t n = begin; n < end; ++n) {
-        gather_patches(s, xptr, n / T, n % T, 1, win, 1, P.data());
+        for (int64_t w = 0; w < win; ++w) gather_row(s, v, xptr, n / T, n % T, w, P.data() + w * K);
         const scalar_t* g = gptr + n * D;
         const uint8_t* a = aptr + n * D;
         for (int64_t d = 0; d < D; ++d) {
@@ -259,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in
         }
       }
     });
-    dweight = partial.sum(0).view(weight.sizes()).to(weight.scalar_type());
+    dweight = to_natural(partial.sum(0), s, v).to(weight.scalar_type());
     dbias = grad.sum({0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
   });
   nonfinite_like_reference(dweight, grad, argmax, x, s);
@@ -275,37 +464,38 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_in, const at::Tensor& argma
                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const int64_t K = s.K(), k = s.k, win = s.window(), T = s.T(), D = s.D;
-    const at::Tensor wmat = weight.detach().reshape({D, K}).to(acc_opts).contiguous();
-    const acc_t* wptr = wmat.data_ptr<acc_t>();
-    at::Tensor dx_acc = at::zeros({s.B, s.C, s.H, s.W}, acc_opts);
+    const int64_t K = s.K(), win = s.window(), T = s.T(), D = s.D;
+    // dx in x's memory format (dense x) or contiguous; its strides and kidx order drive the fold-back.
+    at::Tensor dx_acc = at::zeros_like(x, acc_opts, at::MemoryFormat::Preserve);
+    const XView v = view_of(dx_acc);
+    const std::vector<int64_t> nat = natural_index(s, v);
+    const at::Tensor wnat = weight.detach().reshape({D, K}).to(acc_opts).contiguous();
+    std::vector<acc_t> wk(size_t(D * K));  // W rows in kidx order
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t kk = 0; kk < K; ++kk) wk[size_t(d * K + kk)] = wnat.data_ptr<acc_t>()[d * K + nat[size_t(kk)]];
     acc_t* dxptr = dx_acc.data_ptr<acc_t>();
-    const scalar_t* gptr = grad.data_ptr<scalar_t>();
-    const uint8_t* aptr = argmax.data_ptr<uint8_t>();
+    const scalar_t* gptr = grad.const_data_ptr<scalar_t>();
+    const uint8_t* aptr = argmax.const_data_ptr<uint8_t>();
     // One image per task: an image's patches overlap, so its pixels take adds from many tokens.
     at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> dP(win * K);
+      std::vector<acc_t> dP(size_t(win * K));
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t t = 0; t < T; ++t) {
-          const int64_t n = b * T + t, ph = t / s.Wp, pw = t % s.Wp;
+          const int64_t n = b * T + t;
           std::fill(dP.begin(), dP.end(), acc_t(0));
           for (int64_t d = 0; d < D; ++d) {
             const acc_t gd = static_cast<acc_t>(gptr[n * D + d]);
-            if (gd != acc_t(0)) axpy(dP.data() + aptr[n * D + d] * K, wptr + d * K, gd, K);
+            if (gd != acc_t(0)) axpy(dP.data() + aptr[n * D + d] * K, wk.data() + d * K, gd, K);
           }
           for (int64_t w = 0; w < win; ++w) {  // fold the token's patch gradients back onto the input
             const acc_t* row = dP.data() + w * K;
-            const int64_t iy0 = (ph * s.pool + w / s.pool) * s.stride - s.pad;
-            const int64_t ix0 = (pw * s.pool + w % s.pool) * s.stride - s.pad;
-            const int64_t kw_lo = std::clamp<int64_t>(-ix0, 0, k), kw_hi = std::clamp<int64_t>(s.W - ix0, kw_lo, k);
-            for (int64_t c = 0; c < s.C; ++c)
-              for (int64_t kh = 0; kh < k; ++kh) {
-                const int64_t iy = iy0 + kh;
-                if (iy < 0 || iy >= s.H) continue;
-                acc_t* dst = dxptr + ((b * s.C + c) * s.H + iy) * s.W + ix0;
-                const acc_t* src = row + (c * k + kh) * k;
-                for (int64_t kw = kw_lo; kw < kw_hi; ++kw) dst[kw] += src[kw];
-              }
+            int64_t iy0, ix0;
+            conv_origin(s, t, w, iy0, ix0);
+            for_runs(s, v, b, iy0, ix0,
+                     [&](int64_t kidx, int64_t off, int64_t cnt) {
+                       for (int64_t i = 0; i < cnt; ++i) dxptr[off + i] += row[kidx + i];
+                     },
+                     [](int64_t, int64_t) {});
           }
         }
       }
@@ -317,6 +507,11 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_in, const at::Tensor& argma
 
 }  // namespace
 }  // namespace eit_fast
+
+TORCH_LIBRARY_FRAGMENT(eit_fast, m) {
+  // Which CPU micro-kernel the next call uses: avx512, avx2 or generic (EIT_FAST_CPU_ISA can force one).
+  m.def("patch_projection_cpu_isa() -> str", [] { return eit_fast::isa_name(eit_fast::cpu_isa()); });
+}
 
 TORCH_LIBRARY_IMPL(eit_fast, CPU, m) {
   m.impl("patch_projection", &eit_fast::forward_cpu);
