@@ -44,7 +44,8 @@ DROPOUT_CASES = {
     "dropout_n2_attn_only": dict(B=2, grid=(1, 1), C=0, H=2, hd=3, ps=(0.5, 0.0, 0.3)),
 }
 # every shipped 16-bit config, fp16 (N = 65: one query slab for BLOCK_M 128, several for 64; head 20 -> HP 24)
-CONFIG_CASES = {"configs_n65_hd20": dict(B=1, grid=(8, 8), C=6, H=2, hd=20)}
+CONFIG_CASES = {"configs_n65_hd20": dict(B=1, grid=(8, 8), C=6, H=2, hd=20),
+                "configs_dropout_n65_hd12": dict(B=1, grid=(8, 8), C=6, H=2, hd=12, ps=(0.15, 0.1, 0.2))}
 SLOW_CONFIG_CASES = {"configs_n65_hd33": dict(B=1, grid=(8, 8), C=0, H=1, hd=33)}
 MODEL_CASES = {"model_eit_micro": dict(name="eit_micro", B=2)}
 SLOW_MODEL_CASES = {
@@ -271,23 +272,25 @@ def case_poison():
     return res
 
 
-def case_configs(B, grid, C, H, hd):
+def case_configs(B, grid, C, H, hd, ps=(0.0, 0.0, 0.0)):
     """Every shipped 16-bit tile config (not only the interpreter's first) computes the same function: fp16
-    launches against the float64 reference, at twice the error of the fp16 reference modules + 1e-3."""
+    launches against the float64 reference (with the kernels' dropout masks when ps has rates), at twice the
+    error of the fp16 reference modules + 1e-3."""
     import torch
     from eit_fast.ops import block_mixer as op
     t, low, N, D, A = _inputs(B, grid, C, H, hd, torch.float16)
     t = {k: v.to(torch.float16).double() for k, v in t.items()}
     seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)
-    ref_out, ref_grads = _reference(t, C, A, H, grid)
-    half_out, half_grads = _reference(t, C, A, H, grid, dtype=torch.float16)
+    masks = op.dropout_masks(seed, B, N, C, A, H, *ps) if any(ps) else None
+    ref_out, ref_grads = _reference(t, C, A, H, grid, masks=masks, ps=ps)
+    half_out, half_grads = _reference(t, C, A, H, grid, masks=masks, ps=ps, dtype=torch.float16)
     limit = {"out": 2 * _rel(half_out, ref_out) + 1e-3, "dx": 2 * _rel(half_grads["x"], ref_grads["x"]) + 1e-3}
     kinds = ("attn_fwd", "attn_bwd", "proj")
-    space = {k: op.configs(k, torch.float16, N, op.head_pad(hd)) for k in kinds}
+    space = {k: op.configs(k, torch.float16, N, op.head_pad(hd), ps[0] > 0) for k in kinds}
     res = {"errors": {}, "limits": {}}
     for i in range(max(len(v) for v in space.values())):  # each config once, the others at their first
         cfgs = {k: space[k][min(i, len(space[k]) - 1)] for k in kinds}
-        r = _launch_all(low, grid, C, H, hd, (0.0, 0.0, 0.0), seed, cfgs,
+        r = _launch_all(low, grid, C, H, hd, ps, seed, cfgs,
                         lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype, device=DEVICE))
         name = "+".join(op.config_name(c) for c in cfgs.values())
         res["errors"][f"out {name}"] = _rel(r["out"], ref_out)
