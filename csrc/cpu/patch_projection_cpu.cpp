@@ -449,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_in
       }
     });
     dweight = to_natural(partial.sum(0), s, v).to(weight.scalar_type());
-    dbias = grad.sum({0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
+    dbias = grad.sum(at::IntArrayRef{0, 1}, false, acc_opts.dtype().toScalarType()).to(weight.scalar_type());
   });
   nonfinite_like_reference(dweight, grad, argmax, x, s);
   return {dweight, dbias};
