@@ -67,8 +67,9 @@ def track_losses(name, device, dtype, steps=5, batch=8):
     ref, fused, taken, _ = models(name, device)
     cfg = ref.cfg
     gen = torch.Generator().manual_seed(3)
-    data = [(torch.randn(batch, cfg.in_chans, *cfg.img_hw, generator=gen).to(device),
-             torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)) for _ in range(steps)]
+    batch_ = (torch.randn(batch, cfg.in_chans, *cfg.img_hw, generator=gen).to(device),
+              torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device))
+    data = [batch_] * steps  # one batch again and again: the loss must fall
     losses = []
     for model in (ref, fused):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
