@@ -29,6 +29,11 @@ struct Device {
 // Why the kernels refuse this problem (a clear sentence), or nullptr.
 const char* refusal(const PatchShape& s, const XStrides& xs, const Device& dev);
 
+// What the launchers pick for a problem (the performance model reads it): the tile's channel count, the
+// padded sizes of the packed operands, and the weight gradient's number of split-reduction slices.
+struct PlanSummary { int64_t BN, Dpad, Kpad, Kt, Dk, slices; };
+PlanSummary plan_summary(const PatchShape& s, const XStrides& xs, Math m, const Device& dev);
+
 // Device scratch (bytes) each op needs: packed operands, the weight gradient's split-reduction workspace.
 size_t forward_scratch(const PatchShape& s, Math m);
 size_t weight_grad_scratch(const PatchShape& s, const XStrides& xs, Math m, const Device& dev);

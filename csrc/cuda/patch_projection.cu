@@ -37,6 +37,10 @@ static_assert(max_smem_all<k::Op<k::Math::tf32>>() <= smem_limit(860) && max_sme
 }  // namespace
 
 const char* refusal(const PatchShape& s, const XStrides& xs, const Device& dev) { return k::refusal(s, xs, dev); }
+PlanSummary plan_summary(const PatchShape& s, const XStrides& xs, Math m, const Device& dev) {
+  const k::Plan p = k::plan(s, m);
+  return {p.BN, p.Dpad, p.Kpad, p.Kt, p.Dk, k::wgrad_split(s, xs, m, k::elem_size(m), dev).slices_total};
+}
 size_t forward_scratch(const PatchShape& s, Math m) { return k::forward_scratch(s, m, k::elem_size(m)); }
 size_t weight_grad_scratch(const PatchShape& s, const XStrides& xs, Math m, const Device& dev) {
   return k::weight_grad_scratch(s, xs, m, k::elem_size(m), dev);

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../patch_projection.h"
 #include "launch.h"
 
@@ -116,8 +118,26 @@ at::Tensor backward_input_cuda(const at::Tensor& grad_in, const at::Tensor& argm
   return dx.to(x.scalar_type());  // dense over channels: a non-finite weight gives NaN as in the reference
 }
 
+// [BN, Dpad, Kpad, Kt, Dk, slices] the launchers pick for a contiguous x of this shape (for the model).
+std::vector<int64_t> plan_op(at::IntArrayRef x_shape, int64_t D, int64_t k, int64_t stride, int64_t padding,
+                             int64_t pool, at::ScalarType dtype) {
+  TORCH_CHECK(x_shape.size() == 4, "patch_projection_cuda_plan: x_shape must be (B, C, H, W)");
+  const PatchShape s = make_patch_shape(x_shape[0], x_shape[1], x_shape[2], x_shape[3], D, k, stride, padding, pool);
+  const std::string name = cuda_math(dtype);
+  const cuda::Math m = name == "bf16" ? cuda::Math::bf16 : name == "fp16" ? cuda::Math::f16
+                       : name == "tf32" ? cuda::Math::tf32 : cuda::Math::fma;
+  const cuda::XStrides xs{s.C * s.H * s.W, s.H * s.W, s.W, 1};
+  const cuda::PlanSummary p = cuda::plan_summary(s, xs, m, cuda::Device{});
+  return {p.BN, p.Dpad, p.Kpad, p.Kt, p.Dk, p.slices};
+}
+
 }  // namespace
 }  // namespace eit_fast
+
+TORCH_LIBRARY_FRAGMENT(eit_fast, m) {
+  m.def("patch_projection_cuda_plan(int[] x_shape, int D, int k, int stride, int padding, int pool, "
+        "ScalarType dtype) -> int[]", &eit_fast::plan_op);
+}
 
 TORCH_LIBRARY_IMPL(eit_fast, CUDA, m) {
   m.impl("patch_projection", &eit_fast::forward_cuda);

@@ -1021,10 +1021,12 @@ struct WgradSplit {
   int64_t images, slices_total;
 };
 inline int wgrad_tokens_per_stage(int elem_size) { return 64 / elem_size; }
+constexpr int kMinChunksPerSlice = 8;  // a block runs at least 8 * windows stages; bounds the workspace
 inline void wgrad_slices(int64_t N, int tokens, int tiles, int& chunks, int& per_slice, int& slices) {
   chunks = int((N + tokens - 1) / tokens);
+  const int most = (chunks + kMinChunksPerSlice - 1) / kMinChunksPerSlice;
   int want = (kWgradTargetBlocks + tiles - 1) / tiles;
-  want = want < 1 ? 1 : (want > chunks ? chunks : want);
+  want = want < 1 ? 1 : (want > most ? most : want);
   per_slice = (chunks + want - 1) / want;
   slices = (chunks + per_slice - 1) / per_slice;
 }

@@ -59,6 +59,65 @@ def unsupported(x: torch.Tensor) -> str | None:
     return None
 
 
+def cuda_math(dtype: torch.dtype) -> str:
+    """The math the CUDA kernels use for `dtype`: "bf16", "fp16", or for float32 "tf32" (tensor cores) when
+    PyTorch's convolution precision setting allows TF32 (as the cuDNN convolution it replaces does), else "fp32"
+    (exact FMA). The rule is the C++ op's; this only asks it."""
+    return torch.ops.eit_fast.patch_projection_cuda_math(dtype)
+
+
+def kernel_work(x_shape, D: int, k: int, stride: int, pool: int, dtype: torch.dtype,
+                parts=("forward",)) -> dict:
+    """What the CUDA kernels do for one call, as eit_fast.perf_model.Work per kernel (docs/design.md section 6).
+
+    The model: bytes are each kernel's inputs read once and outputs written once from device memory; the
+    re-reads inside a launch (every block gathers its patches and streams its weight tiles; a patch pixel is
+    read by up to (k/stride)^2 * windows conv rows) are served by L1/L2 and not counted. Tensor-core FLOPs are
+    what the mma instructions execute, 2 per multiply-add, tile padding included: forward 2 * rows * Kpad * Dpad
+    (rows = conv rows = tokens * pool^2), weight gradient 2 * rows * Kt * Dpad (a dense GEMM: every window
+    position, the routed gradient masked), input gradient 2 * rows * Kt * Dk. The exact fp32 path counts the
+    same FLOPs as FMA work. Padded sizes and the weight gradient's slices come from the launchers' own plan
+    (op patch_projection_cuda_plan), so the figures follow the kernels. modelled_time then takes the larger of
+    bytes / bandwidth and FLOPs / rate: a floor that assumes the tensor cores at their dense peak; mma.sync on
+    Hopper reaches about two thirds of it (wgmma is needed for the rest), which the figures do not include.
+
+    parts: "forward", "weight_grad" (with its reduction, the fp32 -> dtype cast and the bias sum),
+    "input_grad". Needs a CUDA build of eit_fast._C (the plan is the CUDA launchers').
+    """
+    from ..perf_model import Work
+    if not hasattr(torch.ops.eit_fast, "patch_projection_cuda_plan"):
+        raise RuntimeError(f"the kernel model needs the CUDA build of eit_fast._C: {build_note()}")
+    B, C, H, W = (int(v) for v in x_shape)
+    pad = k // 2
+    Hp, Wp = output_grid(H, W, k, stride, pad, pool)
+    N, K, e = B * Hp * Wp, C * k * k, torch.empty((), dtype=dtype).element_size()
+    rows = N * pool * pool
+    BN, Dpad, Kpad, Kt, Dk, slices = torch.ops.eit_fast.patch_projection_cuda_plan([B, C, H, W], D, k, stride, pad,
+                                                                                   pool, dtype)
+    math = cuda_math(dtype)
+    precision = {"bf16": "bf16", "fp16": "fp16", "tf32": "tf32"}.get(math)
+
+    def gemm(flops, nbytes):
+        return Work(bytes=nbytes, mma_flops=flops, precision=precision) if precision else             Work(bytes=nbytes, fma_flops=flops)
+
+    x_bytes, tokens_bytes, argmax_bytes = B * C * H * W * e, N * D * e, N * D
+    work = {}
+    if "forward" in parts:
+        work["pack weights"] = Work(bytes=D * K * e + Dpad * Kpad * e + D * e + Dpad * 4)
+        work["forward"] = gemm(2 * rows * Kpad * Dpad, x_bytes + Dpad * Kpad * e + Dpad * 4 + tokens_bytes + argmax_bytes)
+    if "weight_grad" in parts:
+        workspace = slices * Kt * Dpad * 4
+        work["weight gradient"] = gemm(2 * rows * Kt * Dpad, x_bytes + tokens_bytes + argmax_bytes + workspace)
+        work["reduce slices"] = Work(bytes=workspace + D * K * 4)
+        work["dW to dtype, bias sum"] = Work(bytes=D * K * (4 + e) + tokens_bytes + D * e)
+    if "input_grad" in parts:
+        dx = B * C * H * W * 4
+        work["pack W^T, zero dx"] = Work(bytes=D * K * e + Kt * Dk * e + dx)
+        work["input gradient"] = gemm(2 * rows * Kt * Dk, tokens_bytes + argmax_bytes + Kt * Dk * e + 2 * dx)
+        work["dx to dtype"] = Work(bytes=dx + B * C * H * W * e)
+    return work
+
+
 def output_grid(h, w, k: int, stride: int, padding: int, pool: int):
     """(Hp, Wp): conv output (floor), then MaxPool2d(pool, pool) without padding (floor)."""
     return ((h + 2 * padding - k) // stride + 1) // pool, ((w + 2 * padding - k) // stride + 1) // pool
