@@ -21,6 +21,11 @@ from ..runtime import Verdict
 class FusedPatchEmbed(EITPatchEmbed):
     """EITPatchEmbed computed by eit_fast::patch_projection; any input size, square or not.
 
+    Its precision is that of the conv it replaces: bf16 / fp16 inputs (or autocast) on tensor cores with fp32
+    accumulation; float32 on the GPU in TF32 when PyTorch's convolution setting allows it
+    (torch.backends.cudnn.conv.fp32_precision, or torch.backends.cudnn.allow_tf32 before torch 2.9; TF32 is
+    PyTorch's default for convolutions), exactly otherwise. The op reads that setting itself, as cuDNN does.
+
     Where this install has no kernel for the input's device and dtype (e.g. fp16 on the CPU, or CUDA tensors
     with a CPU-only build) it runs the reference computation and warns once, saying why.
     """

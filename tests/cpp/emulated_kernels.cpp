@@ -337,6 +337,12 @@ int self_check() {
   const int64_t per = k::images_per_launch(big, bs, k::kIndexLimit);
   expect(per > 0 && per < 16384 && per * 361 * 464 <= k::kIndexLimit && (per - 1) * bs.b + bs.b <= k::kIndexLimit,
          "a batch past 2^31 elements is split into 32-bit launches (" + std::to_string(per) + " images each)");
+  const PatchShape huge = eit_fast::make_patch_shape(1, 3, 8192, 8192, 64, 1, 1, 0, 1);  // 67M tokens x 64
+  const char* why = k::refusal(huge, k::XStrides{3 * 8192 * 8192, 8192 * 8192, 8192, 1}, k::Device{});
+  const PatchShape wide = eit_fast::make_patch_shape(1, 3, 9000, 64, 8, 3, 1, 1, 4);
+  expect(why != nullptr && std::string(why).find("exceed 2^31") != std::string::npos &&
+             k::refusal(wide, k::XStrides{3 * 9000 * 64, 9000 * 64, 64, 1}, k::Device{}) != nullptr,
+         "an image whose own tensors pass 2^31 elements, or past 8192 px a side, is refused with a reason");
   expect(k::choose_tile(250, Math::bf16) == k::TileKind::A && k::choose_tile(330, Math::bf16) == k::TileKind::B &&
              k::choose_tile(400, Math::bf16) == k::TileKind::C && k::choose_tile(464, Math::bf16) == k::TileKind::C,
          "tiles for D = 250, 330, 400, 464: 128, 112, 80, 80 columns");
