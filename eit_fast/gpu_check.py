@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Phase: share of the budget. Tests first: parity on real hardware is what no CPU check can give.
 SHARES = {"build": 0.30, "tests": 0.30, "racecheck": 0.07, "bench": 0.33}
 TEST_FILES = ["tests/test_patch_projection.py", "tests/test_block_mixer_interp.py", "tests/test_block_mixer.py",
-              "tests/test_stem_cuda.py", "tests/test_mixer_cuda.py", "tests/test_model.py", "tests/test_train.py"]
+              "tests/test_stem_cuda.py", "tests/test_whole_model_parity.py", "tests/test_model.py", "tests/test_train.py"]
 BENCH_FILES = ["bench/test_block_mixer.py", "bench/test_patch_projection.py"]
 
 

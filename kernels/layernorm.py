@@ -79,6 +79,7 @@ def layernorm_bwd_kernel(x_ptr, w_ptr, mean_ptr, rstd_ptr, dyc_ptr, dya_ptr, g_p
 
 
 LN_BLOCK_R = 8
+LN_BWD_BLOCK_R = 2  # the backward holds six row tiles at once: 8 (or 4) rows of 512 made ptxas spill on sm_86
 LN_SPLITS = 256
 
 
@@ -112,10 +113,10 @@ def launch_layernorm_backward(x, w, mean, rstd, dy_conv, dy_attn, g, dx, conv_di
     AP = dy_attn.shape[-1] if D > C else 0
     dyc = dy_conv if C else dy_attn
     dya = dy_attn if AP else dy_conv
-    splits = max(1, min(LN_SPLITS, triton.cdiv(M, 4 * LN_BLOCK_R)))
+    splits = max(1, min(LN_SPLITS, triton.cdiv(M, 4 * LN_BWD_BLOCK_R)))
     part = torch.empty((2, splits, D), device=x.device, dtype=torch.float32)
     bd = _block_d(D, CP, C, AP)
     wrap(layernorm_bwd_kernel)[(splits,)](
         x, w, mean, rstd, dyc, dya, g, dx, part[0], part[1], M, N, D, C, CP, AP, *x.stride(), *g.stride(), splits,
-        BLOCK_R=LN_BLOCK_R, BLOCK_D=bd, num_warps=4 if bd <= 512 else 8)
+        BLOCK_R=LN_BWD_BLOCK_R, BLOCK_D=bd, num_warps=4 if bd <= 512 else 8)
     return part[0].sum(0), part[1].sum(0)

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_i
   check_problem(s, xs, dev);
   const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous();
   at::Tensor dweight = at::empty({s.D, s.C, s.k, s.k}, x.options().dtype(at::kFloat));
-  const at::Tensor dbias = grad.sum({0, 1}, false, at::kFloat).to(weight.scalar_type());
+  const at::Tensor dbias = grad.sum(at::IntArrayRef{0, 1}, false, at::kFloat).to(weight.scalar_type());
   if (grad.numel() == 0) {
     dweight.zero_();
   } else {

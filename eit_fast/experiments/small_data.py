@@ -42,7 +42,7 @@ from ..fileio import WriteError, atomic_write, atomic_write_text, write_error
 from ..run_folder import LOCK_NAME, holder_of, wait_until_free
 
 # name -> (model, train flags). The first three are the issue's comparison; the other two the seed papers'
-# techniques (DESIGN.md 1.6) on top of it.
+# techniques (docs/design.md section 1.6) on top of it.
 ARMS = {
     "eit": ("eit_cifar", {}),
     "vit": ("vit_cifar", {}),

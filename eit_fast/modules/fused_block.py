@@ -8,6 +8,7 @@ unswap(model); AutoFusedBlock is the impl="auto" class (eit_fast.autotune picks 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,17 @@ from ..autotune import AutoSelected
 from ..models.eit import Block
 from ..ops import block_mixer as _op
 from ..runtime import Verdict
+
+
+_cpu_warned = False
+
+
+def _warn_cpu_once():
+    global _cpu_warned
+    if not _cpu_warned:
+        _cpu_warned = True
+        warnings.warn("FusedBlock on the CPU runs the reference block's math (the fused kernels need a CUDA GPU, "
+                      "or TRITON_INTERPRET=1 for tests)", stacklevel=3)
 
 
 class FusedBlock(Block):
@@ -38,6 +50,8 @@ class FusedBlock(Block):
         """x + drop_path(mix(norm1(x))): the block's first half, the fused part (LayerNorm1 and the qkv GEMM
         included, so the op takes x whole and returns its gradient whole)."""
         rates = self._rates()
+        if x.device.type == "cpu" and not _op.interpreting():
+            _warn_cpu_once()
         if any(rates) and x.device.type == "cpu" and not _op.interpreting():
             # The op's CPU path is the reference math without dropout masks: take the reference module's.
             return x + self.drop_path(self.mix(self.norm1(x), grid))

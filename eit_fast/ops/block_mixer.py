@@ -48,9 +48,9 @@ if HAVE_TRITON:
     from eit_fast.kernels import mixer as _mix
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 64
-"""The largest head size the fused kernels take (padded to HEAD_PAD_MAX in memory); EIT's are 2..33."""
-HEAD_PAD_MAX = 64
+MAX_HEAD_DIM = 40
+"""The largest head size the fused kernels take: padded widths up to 40 are the ones compiled and checked
+(tests/test_block_mixer_aot.py); EIT's head sizes are 2..33."""
 CONV_TILE = (16, 64)  # (tokens, channels) per conv program
 
 
@@ -93,8 +93,12 @@ def configs(kind: str, dtype: torch.dtype, seq_len: int, hp: int, dropout: bool 
     16 x num_warps or more."""
     wide = hp > 32  # BLOCK_D 64: the backward's accumulators need every register without pipelining
     if dtype == torch.float32:  # IEEE fp32 on FMAs: small tiles
+        # backward: ptxas caps 4-warp programs near 128 registers, so 64-wide heads take 16-row query tiles and
+        # the dropout gains (32 keys per bit word) take 8 warps; both compile without spills on sm_80..sm_90
+        bwd = _cfg(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1) if wide else \
+            _cfg(BLOCK_M=32, BLOCK_N=32, num_warps=8 if dropout else 4, num_stages=1)
         return {"attn_fwd": [_cfg(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)],
-                "attn_bwd": [_cfg(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)],
+                "attn_bwd": [bwd],
                 "proj": [_cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)]}[kind]
     if kind == "attn_fwd" and dropout:  # the generator's registers: 64 x 32 score tiles
         return [_cfg(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -221,6 +225,9 @@ def _check(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed,
     if A and A // num_heads > MAX_HEAD_DIM and _use_kernels(x):
         raise ValueError(f"block_mixer: head size {A // num_heads} is over the fused kernels' maximum "
                          f"{MAX_HEAD_DIM}; use the reference block for this layer")
+    if A and N * 3 * num_heads * head_pad(A // num_heads) >= 2 ** 31 and _use_kernels(x):
+        raise ValueError(f"block_mixer: {N} tokens x {num_heads} heads is too large for the kernels' 32-bit "
+                         f"offsets inside one batch element; use the reference block for this layer")
 
 
 def _no_autocast(device_type: str):

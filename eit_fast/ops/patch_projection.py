@@ -1,5 +1,5 @@
 """eit_fast::patch_projection: Conv2d(k, stride, padding) then MaxPool2d(pool), as one op writing tokens
-(B, Hp*Wp, D) (EIT-P, DESIGN.md 1.1).
+(B, Hp*Wp, D) (EIT-P, docs/design.md section 1.1).
 
 The kernels live in the extension eit_fast._C (csrc/): a C++ CPU kernel always, CUDA kernels when the build
 found a toolkit. This module registers their fake kernels (shapes for torch.compile / export) and the
