@@ -145,8 +145,14 @@ def _auto_note(case: Case) -> str:
     made = [c for c in autotune.export()["choices"].values()
             if f"|batch={case.batch}" in c["case"] and ("train" in c["case"]) == (case.mode == "train")]
     fused = sorted({c["path"] for c in made if c["impl"] == "fused"})
-    return (f"auto fused {', '.join(fused)} in {sum(c['impl'] == 'fused' for c in made)} of {len(made)} cases"
-            if made else "auto: nothing measured") + " (measured eagerly)"
+    n_fused = sum(c["impl"] == "fused" for c in made)
+    if not made:
+        what = "auto: nothing measured"
+    elif fused:
+        what = f"auto fused {', '.join(fused)} in {n_fused} of {len(made)} cases"
+    else:
+        what = f"auto kept the reference in all {len(made)} cases"
+    return what + " (measured eagerly)"
 
 
 def _example(case: Case, device):
