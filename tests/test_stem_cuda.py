@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from test_patch_projection import CASES, copies_of, rel
-from test_patch_projection_emulated import SHAPES, routed_gradients
+from test_patch_projection_emulated import SHAPES, routed_gradients, torch_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -46,18 +46,6 @@ def fused_all(x, w, b, grad, stride, pool):
     return out, argmax, dx, dw, db
 
 
-def low_precision_reference(x, w, b, grad, stride, pool, dtype):
-    """cuDNN's conv + max-pool in dtype: tokens, window argmax, dx, dw."""
-    xi, wi, bi = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
-    conv = F.conv2d(xi, wi, bi, stride, w.shape[-1] // 2)
-    pooled, idx = F.max_pool2d(conv, pool, pool, return_indices=True)
-    out = pooled.flatten(2).transpose(1, 2)
-    out.backward(grad.to(dtype))
-    Wc = conv.shape[3]
-    argmax = ((idx // Wc % pool) * pool + idx % Wc % pool).flatten(2).transpose(1, 2)
-    return out.detach(), argmax, xi.grad, wi.grad
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(ALL_CASES))
 def test_cuda_matches_the_reference(name, mode):
@@ -81,10 +69,10 @@ def test_cuda_matches_the_reference(name, mode):
         elif mode == "tf32":  # 10-bit mantissa: a tolerance of its own
             tol = {"out": 1e-3, "dx": 2e-3, "dw": 2e-3, "db": 1e-5}
         else:  # no worse than twice cuDNN's own error in that precision, plus a small floor
-            rout, rarg, rdx, rdw = low_precision_reference(*(t.to("cuda") for t in (x, w, b, grad)), stride, pool, dtype)
-            theirs = routed_gradients(x, w, b, grad, rarg.cpu(), stride, pool, torch.float64)
-            tol = {"out": 2 * rel(rout.cpu(), ref) + 1e-3, "dx": 2 * rel(rdx.cpu(), theirs["dx"]) + 1e-3,
-                   "dw": 2 * rel(rdw.cpu(), theirs["dw"]) + 1e-3, "db": 1e-2}
+            r = torch_reference(*(t.to("cuda") for t in (x, w, b, grad)), stride, pool, dtype)  # cuDNN's error
+            theirs = routed_gradients(x, w, b, grad, r["argmax"].cpu(), stride, pool, torch.float64)
+            tol = {"out": 2 * rel(r["out"].cpu(), ref) + 1e-3, "dx": 2 * rel(r["dx"].cpu(), theirs["dx"]) + 1e-3,
+                   "dw": 2 * rel(r["dw"].cpu(), theirs["dw"]) + 1e-3, "db": 1e-2}
     assert all(errs[key] < tol[key] for key in errs), (errs, tol)
     agree = (argmax.cpu().long() == ref_argmax(x, w, b, stride, pool)).double().mean().item()
     assert agree > (0.999 if mode == "fp32" else 0.98), agree

@@ -63,6 +63,15 @@ def interpreting() -> bool:
     return HAVE_TRITON and _k.INTERPRET
 
 
+def _wrap(kernel):
+    """wrap_triton(kernel), which lets torch.compile trace the launch. In eager mode under the interpreter the
+    kernel is launched as it is: torch before 2.12 refuses the interpreter's functions, and an eager
+    wrap_triton launch is the plain launch anyway."""
+    if interpreting() and not torch.compiler.is_compiling():
+        return kernel
+    return wrap_triton(kernel)
+
+
 def _use_kernels(t: Tensor) -> bool:
     if t.device.type == "cuda":
         if not HAVE_TRITON:
@@ -340,7 +349,7 @@ def forward_impl(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale,
                                 dims, eps, cd)
     y_conv, y_attn, mean, rstd, qkv, o, lse, bits = _empty_saved(x, dims, cd, p_attn, with_qkv=False)
     _ln.launch_layernorm_forward(x, norm_w, norm_b, y_conv if C else None, y_attn if A else None, mean, rstd, C,
-                                 eps, wrap=wrap_triton)
+                                 eps, wrap=_wrap)
     dot_opts = _attn.dot_options(cd)
     if A:
         wq, bq = pad_qkv(qkv_w, qkv_b, H, HP, AP)
@@ -350,7 +359,7 @@ def forward_impl(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale,
 
     def fwd(cfg, dest=(out, o, lse, bits)):
         _mix.launch_mixer_forward(*args, dest[1], dest[2], dest[3], scale, seed, dest[0], C, (grid_h, grid_w),
-                                  max(HD, 1), p_attn, p_conv, cfg, CONV_TILE, dot_opts, wrap=wrap_triton)
+                                  max(HD, 1), p_attn, p_conv, cfg, CONV_TILE, dot_opts, wrap=_wrap)
 
     def measure_fwd(cfg):
         dest = tuple(torch.empty_like(t) for t in (out, o, lse, bits))
@@ -361,7 +370,7 @@ def forward_impl(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale,
         wp = pad_proj(proj_w, H, HP).to(cd).contiguous()
 
         def proj(cfg, dest=out):
-            _mix.launch_projection(o, wp, proj_b, x, scale, seed, dest, p_proj, cfg, dot_opts, wrap=wrap_triton)
+            _mix.launch_projection(o, wp, proj_b, x, scale, seed, dest, p_proj, cfg, dot_opts, wrap=_wrap)
 
         proj(_choose("proj", x, cd, N, HP, p_attn > 0,
                      lambda cfg: _timer(x.device)(lambda: proj(cfg, torch.empty_like(out)))))
@@ -400,7 +409,7 @@ def backward_impl(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rst
     if kernels:
         gz_conv = g.new_empty((M, CP), dtype=cd) if C else None
         ga = g.new_empty((M, A), dtype=cd) if A else None
-        dpb = _mix.launch_mixer_grad(g, scale, seed, gz_conv, ga, C, p_conv, p_proj, wrap=wrap_triton)
+        dpb = _mix.launch_mixer_grad(g, scale, seed, gz_conv, ga, C, p_conv, p_proj, wrap=_wrap)
     else:
         _no_cpu_dropout((p_attn, p_conv, p_proj))
         gz = g.float() * scale[:, None, None]
@@ -412,7 +421,7 @@ def backward_impl(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rst
             dy_conv = g.new_empty((M, CP), dtype=cd)
             dw = _conv.launch_conv_backward(gz_conv.view(B, N, CP), y_conv.view(B, N, CP),
                                             _conv.tap_major(conv_w.to(cd), CP), dy_conv.view(B, N, CP), C,
-                                            (grid_h, grid_w), wrap=wrap_triton)
+                                            (grid_h, grid_w), wrap=_wrap)
         else:
             dy, dw = _ref_conv_backward(gz_conv.view(B, N, C), y_conv[:, :C].reshape(B, N, C), conv_w.to(cd), grid_h,
                                         grid_w)
@@ -428,7 +437,7 @@ def backward_impl(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rst
 
             def bwd(cfg, dest=dqkv):
                 return _attn.launch_attention_backward(qkv, o, do, lse, bits if p_attn > 0 else lse, dest, HD,
-                                                       p_attn, cfg, wrap=wrap_triton)
+                                                       p_attn, cfg, wrap=_wrap)
 
             dbq = bwd(_choose("attn_bwd", g, cd, N, HP, p_attn > 0,
                               lambda cfg: _timer(g.device)(lambda: bwd(cfg, torch.empty_like(dqkv)))))
@@ -442,7 +451,7 @@ def backward_impl(g, x, norm_w, conv_w, qkv_w, proj_w, y_conv, y_attn, mean, rst
         dy_attn = d2 @ wq.to(cd)
     if kernels:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dnw, dnb = _ln.launch_layernorm_backward(x, norm_w, mean, rstd, dy_conv, dy_attn, g, dx, C, wrap=wrap_triton)
+        dnw, dnb = _ln.launch_layernorm_backward(x, norm_w, mean, rstd, dy_conv, dy_attn, g, dx, C, wrap=_wrap)
     else:
         parts = ([dy_conv.float()] if C else []) + ([dy_attn[:, :A].float()] if A else [])
         dx, dnw, dnb = _ref_layernorm_backward(x, norm_w, mean, rstd, torch.cat(parts, -1), g)
