@@ -52,9 +52,8 @@ class FusedBlock(Block):
         rates = self._rates()
         if x.device.type == "cpu" and not _op.interpreting():
             _warn_cpu_once()
-        if any(rates) and x.device.type == "cpu" and not _op.interpreting():
-            # The op's CPU path is the reference math without dropout masks: take the reference module's.
-            return x + self.drop_path(self.mix(self.norm1(x), grid))
+            if any(rates):  # the op's CPU path has no dropout masks: take the reference module's
+                return x + self.drop_path(self.mix(self.norm1(x), grid))
         B = x.shape[0]
         c, a = self.conv_dim, self.attn_dim
         if self.training and self.drop_path.p > 0:  # the reference DropPath's draw, per sample

@@ -231,12 +231,13 @@ def _check(x, norm_w, norm_b, conv_w, qkv_w, qkv_b, proj_w, proj_b, scale, seed,
             raise ValueError(f"block_mixer: {name} must be in [0, 1), got {p}")
     if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"block_mixer: compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
-    if A and A // num_heads > MAX_HEAD_DIM and _use_kernels(x):
-        raise ValueError(f"block_mixer: head size {A // num_heads} is over the fused kernels' maximum "
-                         f"{MAX_HEAD_DIM}; use the reference block for this layer")
-    if A and N * 3 * num_heads * head_pad(A // num_heads) >= 2 ** 31 and _use_kernels(x):
-        raise ValueError(f"block_mixer: {N} tokens x {num_heads} heads is too large for the kernels' 32-bit "
-                         f"offsets inside one batch element; use the reference block for this layer")
+    if A and _use_kernels(x):
+        if A // num_heads > MAX_HEAD_DIM:
+            raise ValueError(f"block_mixer: head size {A // num_heads} is over the fused kernels' maximum "
+                             f"{MAX_HEAD_DIM}; use the reference block for this layer")
+        if N * 3 * num_heads * head_pad(A // num_heads) >= 2 ** 31:
+            raise ValueError(f"block_mixer: {N} tokens x {num_heads} heads is too large for the kernels' 32-bit "
+                             f"offsets inside one batch element; use the reference block for this layer")
 
 
 def _no_autocast(device_type: str):
