@@ -116,14 +116,18 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home  # in case it was imported (and guessed) before we set CUDA_HOME
-    flags = {"cxx": ["-O3"]}  # torch sets the C++ standard it needs (C++20 for torch 2.14)
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built
+    # with OpenMP (torch's CPU build uses it); the link resolves to the libgomp torch has already loaded.
+    flags = {"cxx": ["-O3", "-fopenmp"]}  # torch sets the C++ standard it needs (C++20 for torch 2.14)
+    link = ["-fopenmp"]
     include_dirs = [GENERATED]
     if with_cuda:
         flags["nvcc"] = ["-O3", "-lineinfo"]
-        ext = CUDAExtension("eit_fast._C", cpp + cuda, extra_compile_args=flags, include_dirs=include_dirs,
-                            py_limited_api=False)
+        ext = CUDAExtension("eit_fast._C", cpp + cuda, extra_compile_args=flags, extra_link_args=link,
+                            include_dirs=include_dirs, py_limited_api=False)
     else:
-        ext = CppExtension("eit_fast._C", cpp, extra_compile_args=flags, include_dirs=include_dirs)
+        ext = CppExtension("eit_fast._C", cpp, extra_compile_args=flags, extra_link_args=link,
+                           include_dirs=include_dirs)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

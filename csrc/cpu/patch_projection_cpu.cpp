@@ -1,16 +1,22 @@
 // CPU implementation of the patch projection ops.
 //
-// Forward: the image is cut into tiles of pooled tokens. A tile's patches (every conv position its pool
-// windows cover) are gathered into a cache-sized buffer as panels of MR rows, [K/16][MR][16]: a contiguous
-// run of x (a 16-pixel kernel row) is one 64-byte copy, and the micro-kernel broadcasts each patch value
-// from a fixed offset. The micro-kernel multiplies MR rows by NR channels of the packed weights (D is the
-// vector dimension) and folds the result, still in registers, into the tile's running max and argmax. Only
-// pooled tokens are written; the conv map never exists.
+// Forward, two schedules (use_direct() is the one place that chooses):
+// - direct, when the kernel is a whole number of strides (k = kk * stride, the 224 px stem's 16 = 4 x 4) and
+//   fp32/bf16 on AVX2 or AVX-512: the conv is then a kk x kk stride-1 conv over cells, stride x stride blocks
+//   of x holding Cp = C * stride^2 values each (space-to-depth). x is read once into that cell image; conv
+//   position (oy, ox) reads, in each of kk cell rows, kk * Cp consecutive values, and neighbouring positions
+//   along ox start Cp apart, so the micro-kernel reads its MR rows in place (row stride Cp): no patch is
+//   ever gathered, and the patch matrix (window^2 x larger than x) never exists. The reduction runs one cell
+//   row at a time, so the weight block in use (kk * Cp x NR) stays in L1.
+// - gather, otherwise (the 32 px stem's 3 x 3 / stride 1, odd strides, fp64, the generic kernel): a tile of
+//   pooled tokens has its patches gathered into a cache-sized buffer as panels of MR rows, [K/16][MR][16].
+// Both fold the conv values into each token's running max and argmax; only pooled tokens are written, the
+// conv map never exists.
 // Micro-kernels, chosen at run time (EIT_FAST_CPU_ISA=avx2|avx512|generic forces one): AVX-512 12 x 32 (24
-// zmm accumulators), AVX2 + FMA 6 x 16 (12 ymm), and a generic one (any dtype).
+// zmm accumulators), AVX2 + FMA 6 x 16 (12 ymm), and a generic one (any dtype, gather only).
 // x is read with its own strides: NCHW rows run along kw, channels_last (NHWC) rows run over (kw, c), k*C
-// values at a time, so patch elements are then ordered (kh, kw, c) and the weights are packed to match;
-// other strides are read element by element. No copy of x is made.
+// values at a time, so gathered patch elements are then ordered (kh, kw, c) and the weights are packed to
+// match; other strides are read element by element. No copy of x is made.
 // Backward follows each pooled gradient to its argmax conv position only (see backward_weight_cpu).
 // Arithmetic in float for fp32/bf16 inputs, double for fp64.
 #include <ATen/ATen.h>
@@ -20,11 +26,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -147,6 +155,14 @@ inline void gather_panel_row(const PatchShape& s, const XView& v, const scalar_t
            });
 }
 
+// Functions compiled for AVX-512, AVX2 and the baseline, picked when the library loads (the file itself is
+// built for the baseline x86-64 ISA).
+#ifdef EIT_FAST_X86
+#define EIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EIT_CLONES
+#endif
+
 // ---- micro-kernels -----------------------------------------------------------------------------------------
 
 // One step of the fused conv + max-pool for MR rows (tokens at one window offset) x NR channels:
@@ -261,6 +277,88 @@ __attribute__((target("avx512f"))) void micro_kernel_avx512(const float* P, int6
 #undef EIT_FOLD
 #endif
 
+// Direct-path micro-kernels: C[r][0:NR] (+)= sum_j A_r[j] * W[j * NR : j * NR + NR] for r < MR, where A_r is
+// conv position r of a run along ox in one cell row: kk cells of Cp values, stored in blocks of 8 channels
+// with the cells of a row side by side ([cb][X][8], `block` = Xc * 8 floats per channel block), so rows are
+// 8 floats apart at every j and every address is a fixed offset from one pointer (a runtime row stride
+// makes GCC keep 96 addresses on the stack). acc: add to C.
+using DirectKernel = void (*)(const float* A, int64_t block, int64_t kk, int64_t blocks, const float* W, float* C,
+                              bool acc);
+
+#ifdef EIT_FAST_X86
+template <int MR>
+__attribute__((target("avx512f"))) void direct_avx512(const float* A, int64_t block, int64_t kk, int64_t blocks,
+                                                       const float* W, float* C, bool acc) {
+  __m512 c[MR][2];  // fully unrolled below, so GCC keeps these in registers
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    c[r][0] = acc ? _mm512_loadu_ps(C + r * 32) : _mm512_setzero_ps();
+    c[r][1] = acc ? _mm512_loadu_ps(C + r * 32 + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < kk; ++q) {
+    const float* a = A + q * 8;
+    for (int64_t cb = 0; cb < blocks; ++cb, a += block, W += 8 * 32) {
+#pragma GCC unroll 8
+      for (int kw = 0; kw < 8; ++kw) {
+        const __m512 w0 = _mm512_loadu_ps(W + kw * 32), w1 = _mm512_loadu_ps(W + kw * 32 + 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; ++r) {
+          const __m512 x = _mm512_set1_ps(a[r * 8 + kw]);
+          c[r][0] = _mm512_fmadd_ps(x, w0, c[r][0]);
+          c[r][1] = _mm512_fmadd_ps(x, w1, c[r][1]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(C + r * 32, c[r][0]);
+    _mm512_storeu_ps(C + r * 32 + 16, c[r][1]);
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void direct_avx2(const float* A, int64_t block, int64_t kk, int64_t blocks,
+                                                      const float* W, float* C, bool acc) {
+  __m256 c[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    c[r][0] = acc ? _mm256_loadu_ps(C + r * 16) : _mm256_setzero_ps();
+    c[r][1] = acc ? _mm256_loadu_ps(C + r * 16 + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t q = 0; q < kk; ++q) {
+    const float* a = A + q * 8;
+    for (int64_t cb = 0; cb < blocks; ++cb, a += block, W += 8 * 16) {
+#pragma GCC unroll 8
+      for (int kw = 0; kw < 8; ++kw) {
+        const __m256 w0 = _mm256_loadu_ps(W + kw * 16), w1 = _mm256_loadu_ps(W + kw * 16 + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) {
+          const __m256 x = _mm256_broadcast_ss(a + r * 8 + kw);
+          c[r][0] = _mm256_fmadd_ps(x, w0, c[r][0]);
+          c[r][1] = _mm256_fmadd_ps(x, w1, c[r][1]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(C + r * 16, c[r][0]);
+    _mm256_storeu_ps(C + r * 16 + 8, c[r][1]);
+  }
+}
+
+// [m - 1]: the kernel for m rows, the full MR and every shorter tail of a conv row.
+template <int... M>
+constexpr std::array<DirectKernel, sizeof...(M)> avx512_rows(std::integer_sequence<int, M...>) {
+  return {&direct_avx512<M + 1>...};
+}
+template <int... M>
+constexpr std::array<DirectKernel, sizeof...(M)> avx2_rows(std::integer_sequence<int, M...>) {
+  return {&direct_avx2<M + 1>...};
+}
+#endif
+
 // ---- which micro-kernel --------------------------------------------------------------------------------------
 
 enum class Isa { generic, avx2, avx512 };
@@ -291,7 +389,7 @@ Isa cpu_isa() {
 
 std::string isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic"; }
 
-// ---- forward -------------------------------------------------------------------------------------------------
+// ---- forward, gather schedule ----------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t, int MR, int NR>
 void forward_tiles(const PatchShape& s, const XView& v, const scalar_t* xptr, const at::Tensor& weight,
@@ -351,6 +449,145 @@ void forward_tiles(const PatchShape& s, const XView& v, const scalar_t* xptr, co
   });
 }
 
+// ---- forward, direct schedule -----------------------------------------------------------------------------
+
+// The direct schedule needs k = kk * stride and cells of whole 8-channel blocks (Cp = C * stride^2).
+bool direct_applies(const PatchShape& s) { return s.k % s.stride == 0 && s.C * s.stride * s.stride % 8 == 0; }
+
+// Cells cover the conv positions the pool keeps (Hcut x Wcut): cell (Y, X) holds x rows
+// Y*stride - pad + a and columns X*stride - pad + c2 (a, c2 < stride) as channel ch = (a * stride + c2) * C + c,
+// zero outside x. Conv position (oy, ox) reads cells (oy + p, ox + q), p, q < kk. A cell row is stored as
+// [Cp / 8][Xc][8] (see DirectKernel).
+struct CellGrid {
+  int64_t kk, Cp, Hcut, Wcut, Yc, Xc;
+  explicit CellGrid(const PatchShape& s)
+      : kk(s.k / s.stride), Cp(s.C * s.stride * s.stride), Hcut(s.Hp * s.pool), Wcut(s.Wp * s.pool),
+        Yc(Hcut + kk - 1), Xc(Wcut + kk - 1) {}
+  int64_t row() const { return Xc * Cp; }  // floats per cell row
+  int64_t image() const { return Yc * row(); }
+  int64_t at(int64_t Y, int64_t X, int64_t ch) const { return Y * row() + ((ch / 8) * Xc + X) * 8 + ch % 8; }
+  // Natural weight index ((c * k + kh) * k + kw) of reduction index j = (p * kk + q) * Cp + ch, the order the
+  // micro-kernel walks a conv position's cells.
+  int64_t natural(const PatchShape& s, int64_t j) const {
+    const int64_t ch = j % Cp, pq = j / Cp, c = ch % s.C, c2 = (ch / s.C) % s.stride, a = ch / (s.C * s.stride);
+    return (c * s.k + (pq / kk) * s.stride + a) * s.k + (pq % kk) * s.stride + c2;
+  }
+};
+
+// Image b of x into its cells (float), zero where the cells reach past x.
+template <typename scalar_t>
+void to_cells(const PatchShape& s, const XView& v, const scalar_t* x, int64_t b, const CellGrid& g, float* dst) {
+  std::fill(dst, dst + g.image(), 0.f);
+  const int64_t ix_hi = std::min(s.W, g.Xc * s.stride - s.pad);
+  for (int64_t Y = 0; Y < g.Yc; ++Y)
+    for (int64_t a = 0; a < s.stride; ++a) {
+      const int64_t iy = Y * s.stride - s.pad + a;
+      if (iy < 0 || iy >= s.H) continue;
+      for (int64_t c = 0; c < s.C; ++c) {
+        const scalar_t* src = x + b * v.sB + c * v.sC + iy * v.sH;
+        for (int64_t ix = 0; ix < ix_hi; ++ix) {
+          const int64_t X = (ix + s.pad) / s.stride, c2 = (ix + s.pad) % s.stride;
+          dst[g.at(Y, X, (a * s.stride + c2) * s.C + c)] = static_cast<float>(src[ix * v.sW]);
+        }
+      }
+    }
+}
+
+// best, best_w <- v + bias, w where w == 0, the new value is larger or NaN: PyTorch's max-pool rule (the
+// first maximum in window order wins ties; NaN propagates).
+EIT_CLONES void fold_max(const float* __restrict__ v, const float* __restrict__ bias, float* __restrict__ best,
+                         int32_t* __restrict__ best_w, int32_t w, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = v[j] + bias[j];
+    const bool take = (w == 0) | (x > best[j]) | (x != x);
+    best[j] = take ? x : best[j];
+    best_w[j] = take ? w : best_w[j];
+  }
+}
+
+template <typename scalar_t, int MR, int NR>
+void forward_direct(const PatchShape& s, const XView& v, const scalar_t* xptr, const at::Tensor& weight,
+                    const at::Tensor& bias, scalar_t* optr, uint8_t* aptr, const DirectKernel* rows) {
+  const CellGrid g(s);
+  const int64_t K = s.K(), D = s.D, T = s.T(), seg = g.kk * g.Cp;  // reduction values per kernel cell row
+  const int64_t panels = (D + NR - 1) / NR;
+  // Weights in panels of NR channels, (panels, K, NR) in the cells' reduction order, zero-padded past D.
+  std::vector<float> wpk(size_t(panels * K * NR), 0.f), bpad(size_t(panels * NR), 0.f);
+  {
+    const at::Tensor w = weight.detach().reshape({D, K}).to(at::kFloat).contiguous();
+    const at::Tensor bb = bias.detach().to(at::kFloat).contiguous();
+    const float* wp = w.const_data_ptr<float>();
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t nat = g.natural(s, i);
+      for (int64_t d = 0; d < D; ++d) wpk[size_t(((d / NR) * K + i) * NR + d % NR)] = wp[d * K + nat];
+    }
+    std::copy(bb.const_data_ptr<float>(), bb.const_data_ptr<float>() + D, bpad.begin());
+  }
+  // A cell row that lies wholly in the padding adds exactly zero, so it is skipped, unless a weight is not
+  // finite (then 0 * w is NaN, as in the reference).
+  const bool skip_padding = std::all_of(wpk.begin(), wpk.end(), [](float w) { return std::isfinite(w); });
+  std::vector<char> row_in_x(size_t(g.Yc));
+  for (int64_t Y = 0; Y < g.Yc; ++Y)
+    row_in_x[size_t(Y)] = Y * s.stride - s.pad + s.stride > 0 && Y * s.stride - s.pad < s.H;
+
+  // Images in groups whose cells stay within about 64 MB; within a group, one task per (image, panel).
+  const int64_t group = std::clamp<int64_t>((64 << 20) / (g.image() * int64_t(sizeof(float))), 1, s.B);
+  std::vector<float> cells(size_t(group * g.image()));
+  for (int64_t b0 = 0; b0 < s.B; b0 += group) {
+    const int64_t nb = std::min(group, s.B - b0);
+    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) to_cells(s, v, xptr, b0 + i, g, cells.data() + i * g.image());
+    });
+    at::parallel_for(0, nb * panels, 1, [&](int64_t begin, int64_t end) {
+      // conv: (Hcut, Wcut, NR) for this panel; best / best_w: (T, NR).
+      std::vector<float> conv(size_t(g.Hcut * g.Wcut * NR)), best(size_t(T * NR));
+      std::vector<int32_t> best_w(size_t(T * NR));
+      std::vector<char> started(size_t(g.Hcut));
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = b0 + u / panels, pn = u % panels;
+        const float* img = cells.data() + (u / panels) * g.image();
+        std::fill(started.begin(), started.end(), 0);
+        for (int64_t p = 0; p < g.kk; ++p) {  // one cell row of the kernel at a time: its weights stay in L1
+          const float* wq = wpk.data() + (pn * K + p * seg) * NR;
+          for (int64_t oy = 0; oy < g.Hcut; ++oy) {
+            if (skip_padding && !row_in_x[size_t(oy + p)]) continue;
+            const float* arow = img + (oy + p) * g.row();
+            for (int64_t ox = 0; ox < g.Wcut; ox += MR) {
+              const int64_t m = std::min<int64_t>(MR, g.Wcut - ox);
+              rows[m - 1](arow + ox * 8, g.Xc * 8, g.kk, g.Cp / 8, wq, conv.data() + (oy * g.Wcut + ox) * NR,
+                          started[size_t(oy)]);
+            }
+            started[size_t(oy)] = 1;
+          }
+        }
+        // Fold in window order: for each token, its windows (oy % pool, ox % pool) come row-major.
+        for (int64_t oy = 0; oy < g.Hcut; ++oy) {
+          if (!started[size_t(oy)]) std::fill(conv.begin() + oy * g.Wcut * NR, conv.begin() + (oy + 1) * g.Wcut * NR, 0.f);
+          for (int64_t ox = 0; ox < g.Wcut; ++ox) {
+            const int64_t t = (oy / s.pool) * s.Wp + ox / s.pool;
+            fold_max(conv.data() + (oy * g.Wcut + ox) * NR, bpad.data() + pn * NR, best.data() + t * NR,
+                     best_w.data() + t * NR, int32_t((oy % s.pool) * s.pool + ox % s.pool), NR);
+          }
+        }
+        const int64_t d0 = pn * NR, nd = std::min<int64_t>(NR, D - d0);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < nd; ++j) {
+            optr[(b * T + t) * D + d0 + j] = static_cast<scalar_t>(best[size_t(t * NR + j)]);
+            aptr[(b * T + t) * D + d0 + j] = uint8_t(best_w[size_t(t * NR + j)]);
+          }
+      }
+    });
+  }
+}
+
+// ---- forward: the op -------------------------------------------------------------------------------------------
+
+// The one place that picks the forward's schedule: direct where it applies and the CPU has a vector kernel
+// for the input's type (fp32, bf16), else gather.
+bool use_direct(const PatchShape& s, at::ScalarType dtype, Isa isa) {
+  return direct_applies(s) && isa != Isa::generic && (dtype == at::kFloat || dtype == at::kBFloat16);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                                int64_t stride, int64_t padding, int64_t pool) {
   const PatchShape s = check_forward_args(x, weight, bias, stride, padding, pool);
@@ -366,6 +603,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
     uint8_t* aptr = argmax.data_ptr<uint8_t>();
     if constexpr (std::is_same_v<acc_t, float>) {
 #ifdef EIT_FAST_X86
+      static constexpr auto rows512 = avx512_rows(std::make_integer_sequence<int, 12>{});
+      static constexpr auto rows2 = avx2_rows(std::make_integer_sequence<int, 6>{});
+      if (use_direct(s, x.scalar_type(), isa)) {
+        if (isa == Isa::avx512) return forward_direct<scalar_t, 12, 32>(s, v, xptr, weight, bias, optr, aptr, rows512.data());
+        if (isa == Isa::avx2) return forward_direct<scalar_t, 6, 16>(s, v, xptr, weight, bias, optr, aptr, rows2.data());
+      }
       if (isa == Isa::avx512) return forward_tiles<scalar_t, float, 12, 32>(s, v, xptr, weight, bias, optr, aptr, &micro_kernel_avx512);
       if (isa == Isa::avx2) return forward_tiles<scalar_t, float, 6, 16>(s, v, xptr, weight, bias, optr, aptr, &micro_kernel_avx2);
 #endif
@@ -381,13 +624,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
 // dW[d] += g[n][d] * P[n][w] and dP[n][w] += g[n][d] * W[d] (rows of length C*k*k), which is window^2 times
 // less work than a dense GEMM on the routed conv-output gradient, and never materialises that gradient.
 
-// y += a x, compiled for AVX-512, AVX2 and the baseline, picked when the library loads (the file itself is
-// built for the baseline x86-64 ISA).
-#ifdef EIT_FAST_X86
-#define EIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define EIT_CLONES
-#endif
+// y += a x (EIT_CLONES: compiled for AVX-512, AVX2 and the baseline, picked when the library loads).
 EIT_CLONES void axpy(float* __restrict__ y, const float* __restrict__ x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -520,6 +757,18 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_in, const at::Tensor& argma
 TORCH_LIBRARY_FRAGMENT(eit_fast, m) {
   // Which CPU micro-kernel the next call uses: avx512, avx2 or generic (EIT_FAST_CPU_ISA can force one).
   m.def("patch_projection_cpu_isa() -> str", [] { return eit_fast::isa_name(eit_fast::cpu_isa()); });
+  // Distinct threads one at::parallel_for of this library runs on (1 if it was built without OpenMP).
+  m.def("cpu_parallel_threads() -> int", [] {
+    std::vector<char> seen(size_t(at::get_num_threads()), 0);
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { seen[size_t(at::get_thread_num())] = 1; });
+    return int64_t(std::count(seen.begin(), seen.end(), 1));
+  });
+  // The schedule the next forward of this stem takes: "direct" or "gather" (see the top of this file).
+  m.def("patch_projection_cpu_schedule(int channels, int kernel, int stride, ScalarType dtype) -> str",
+        [](int64_t channels, int64_t kernel, int64_t stride, at::ScalarType dtype) -> std::string {
+          const eit_fast::PatchShape s = eit_fast::make_patch_shape(1, channels, kernel, kernel, 1, kernel, stride, 0, 1);
+          return eit_fast::use_direct(s, dtype, eit_fast::cpu_isa()) ? "direct" : "gather";
+        });
 }
 
 TORCH_LIBRARY_IMPL(eit_fast, CPU, m) {
