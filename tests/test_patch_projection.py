@@ -147,30 +147,39 @@ def test_non_contiguous_input():
     assert rel(out, ref) < 1e-5
 
 
-def test_ties_go_to_the_first_maximum_in_window_order():
+# (channels, kernel, stride, pool, dtype): the gather schedule (fp64) and the direct one (fp32, C * stride^2 = 8)
+TIE_CASES = [(3, 3, 1, 4, torch.float64), (2, 4, 2, 3, torch.float32)]
+
+
+@pytest.mark.parametrize("C, k, s, p, dtype", TIE_CASES, ids=["gather", "direct"])
+def test_ties_go_to_the_first_maximum_in_window_order(C, k, s, p, dtype, cpu_isa):
     # Small integers: every conv value is exact, so equal windows tie exactly in both implementations and
     # the gradients show which window position won.
-    x = torch.randint(0, 2, (2, 3, 1, 1)).double().expand(2, 3, 21, 19).contiguous()  # constant images
+    x = torch.randint(0, 2, (2, C, 1, 1)).to(dtype).expand(2, C, 21, 19).contiguous()  # constant images
     x[:, :, ::5] = 0  # some structure; most windows still hold equal values
-    w = torch.randint(-2, 3, (6, 3, 3, 3)).double()
-    b = torch.randint(-2, 3, (6,)).double()
-    (ref, out), (gref, gout) = run_both(x, w, b, 1, 4)
-    _, argmax = torch.ops.eit_fast.patch_projection(x, w, b, 1, 1, 4)
-    conv = F.conv2d(x, w, b, 1, 1)[:, :, :20, :16].unfold(2, 4, 4).unfold(3, 4, 4).flatten(-2)
+    w = torch.randint(-2, 3, (6, C, k, k)).to(dtype)
+    b = torch.randint(-2, 3, (6,)).to(dtype)
+    (ref, out), (gref, gout) = run_both(x, w, b, s, p)
+    _, argmax = torch.ops.eit_fast.patch_projection(x, w, b, s, k // 2, p)
+    conv = F.conv2d(x, w, b, s, k // 2)
+    Hp, Wp = conv.shape[2] // p, conv.shape[3] // p
+    conv = conv[:, :, :Hp * p, :Wp * p].unfold(2, p, p).unfold(3, p, p).flatten(-2)
     ties = (conv == conv.max(-1, keepdim=True).values).sum(-1) > 1
     assert ties.float().mean() > 0.5  # the case really is about ties
     assert torch.equal(out, ref)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
     for got, want in zip(gout, gref):  # a gradient routed to another window would be off by O(1)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     first = (conv == conv.max(-1, keepdim=True).values).int().argmax(-1)  # first maximum, row-major
     assert torch.equal(argmax.long(), first.flatten(2).transpose(1, 2))
 
 
-def test_nan_propagates_like_max_pool():
-    x, w, b = torch.randn(2, 3, 24, 24), torch.randn(5, 3, 3, 3), torch.randn(5)
-    x[0, 1, 5, 7] = float("nan")
-    x[1, 0, 20, 3] = float("nan")
-    (ref, out), (gref, gout) = run_both(x, w, b, 1, 4)
+@pytest.mark.parametrize("k, s, p", [(3, 1, 4), (16, 4, 3)], ids=["gather", "direct"])
+def test_nan_propagates_like_max_pool(k, s, p, cpu_isa):
+    x, w, b = torch.randn(2, 3, 24 * s, 24 * s), torch.randn(5, 3, k, k) * 0.1, torch.randn(5)
+    x[0, 1, 5 * s, 7 * s] = float("nan")
+    x[1, 0, 20 * s, 3 * s] = float("nan")
+    (ref, out), (gref, gout) = run_both(x, w, b, s, p)
     assert torch.isnan(ref).any()
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-5, atol=1e-5)
@@ -191,6 +200,65 @@ def test_non_finite_values_give_the_reference_nan_pattern_in_gradients():
     assert torch.isnan(gref[1][:, 2, 2, 2]).all()  # read only at a conv position the pool cuts off
     for got, want in zip(gout, gref):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
+def test_non_finite_weights_give_the_fp64_reference_pattern():
+    # The direct schedule skips cell rows that lie wholly in the zero padding; with an inf weight 0 * inf is NaN
+    # there, so it must not skip. PyTorch's own fp64 conv multiplies the padding (oneDNN's fp32 conv does not).
+    x, w, b = torch.randn(1, 3, 40, 44), torch.randn(8, 3, 16, 16) * 0.05, torch.randn(8)
+    w[2, 1, 0, 0] = float("inf")
+    ref = reference(x.double(), w.double(), b.double(), 4, 3)
+    out = fused(x, w, b, 4, 3)
+    assert torch.isnan(ref).any() and torch.isinf(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+# (B, C, H, W, D, k, stride, padding, pool) for the direct schedule beyond the model's stems: padding that is not
+# a multiple of the stride or is zero, two and one kernel cell rows, 2 and 8 channels, pool cut-offs.
+DIRECT_CASES = [
+    (1, 2, 23, 19, 13, 4, 2, 1, 2), (2, 3, 50, 37, 40, 8, 4, 3, 3), (1, 3, 44, 45, 70, 16, 4, 0, 2),
+    (1, 8, 15, 17, 9, 1, 1, 0, 3), (2, 3, 29, 33, 17, 16, 4, 5, 1),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "B{}_C{}_{}x{}_D{}_k{}s{}pad{}p{}".format(*c))
+def test_direct_schedule_matches(case, cpu_isa):
+    B, C, H, W, D, k, s, pad, p = case
+    x, w, b = torch.randn(B, C, H, W), torch.randn(D, C, k, k) * (2 / (C * k * k)) ** 0.5, torch.randn(D)
+    expected = "gather" if cpu_isa == "generic" else "direct"
+    assert torch.ops.eit_fast.patch_projection_cpu_schedule(C, k, s, torch.float32) == expected
+    ref = F.max_pool2d(F.conv2d(x, w, b, s, pad), p, p).flatten(2).transpose(1, 2)
+    for xin in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        out, _ = torch.ops.eit_fast.patch_projection(xin, w, b, s, pad, p)
+        assert out.shape == ref.shape and rel(out, ref) < 1e-5
+
+
+def test_cpu_schedule_choice(cpu_isa):
+    schedule = torch.ops.eit_fast.patch_projection_cpu_schedule
+    vector = "gather" if cpu_isa == "generic" else "direct"
+    assert schedule(3, 16, 4, torch.float32) == schedule(3, 16, 4, torch.bfloat16) == vector  # the 224 px stem
+    assert schedule(3, 16, 4, torch.float64) == "gather"  # no fp64 vector kernel
+    assert schedule(3, 3, 1, torch.float32) == "gather"  # the 32 px stem: 3 values per cell
+    assert schedule(3, 6, 4, torch.float32) == "gather"  # k not a multiple of the stride
+
+
+def test_a_large_batch_is_cut_into_groups_of_images():
+    # 224 px cells take about 690 KB an image, so 98 images make two groups within the 64 MB bound.
+    x, w, b = torch.randn(98, 3, 224, 224), torch.randn(4, 3, 16, 16) * 0.05, torch.randn(4)
+    out = fused(x, w, b, 4, 3)
+    assert rel(out, reference(x, w, b, 4, 3)) < 1e-5
+
+
+def test_cpu_ops_run_on_every_thread():
+    # at::parallel_for runs serially in a library built without OpenMP, with nothing to show for it but time.
+    if (__import__("os").cpu_count() or 1) < 2:
+        pytest.skip("one CPU")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.eit_fast.cpu_parallel_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bfloat16_no_worse_than_pytorch_in_bfloat16():

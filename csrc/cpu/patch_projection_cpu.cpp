@@ -478,30 +478,38 @@ struct CellGrid {
 template <typename scalar_t>
 void to_cells(const PatchShape& s, const XView& v, const scalar_t* x, int64_t b, const CellGrid& g, float* dst) {
   std::fill(dst, dst + g.image(), 0.f);
-  const int64_t ix_hi = std::min(s.W, g.Xc * s.stride - s.pad);
   for (int64_t Y = 0; Y < g.Yc; ++Y)
     for (int64_t a = 0; a < s.stride; ++a) {
       const int64_t iy = Y * s.stride - s.pad + a;
       if (iy < 0 || iy >= s.H) continue;
-      for (int64_t c = 0; c < s.C; ++c) {
-        const scalar_t* src = x + b * v.sB + c * v.sC + iy * v.sH;
-        for (int64_t ix = 0; ix < ix_hi; ++ix) {
-          const int64_t X = (ix + s.pad) / s.stride, c2 = (ix + s.pad) % s.stride;
-          dst[g.at(Y, X, (a * s.stride + c2) * s.C + c)] = static_cast<float>(src[ix * v.sW]);
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t c2 = 0; c2 < s.stride; ++c2) {
+          const scalar_t* src = x + b * v.sB + c * v.sC + iy * v.sH;
+          float* out = dst + g.at(Y, 0, (a * s.stride + c2) * s.C + c);  // cell X is 8 floats further
+          // columns ix = X * stride - pad + c2 inside x
+          const int64_t X_lo = std::max<int64_t>(0, (s.pad - c2 + s.stride - 1) / s.stride);
+          const int64_t X_hi = std::min(g.Xc, (s.W - 1 + s.pad - c2) / s.stride + 1);
+          for (int64_t X = X_lo; X < X_hi; ++X) out[X * 8] = static_cast<float>(src[(X * s.stride - s.pad + c2) * v.sW]);
         }
-      }
     }
 }
 
+// One conv row (Wcut positions x NR channels, at pool-window row wy) into its tokens' running max and argmax:
 // best, best_w <- v + bias, w where w == 0, the new value is larger or NaN: PyTorch's max-pool rule (the
-// first maximum in window order wins ties; NaN propagates).
-EIT_CLONES void fold_max(const float* __restrict__ v, const float* __restrict__ bias, float* __restrict__ best,
-                         int32_t* __restrict__ best_w, int32_t w, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = v[j] + bias[j];
-    const bool take = (w == 0) | (x > best[j]) | (x != x);
-    best[j] = take ? x : best[j];
-    best_w[j] = take ? w : best_w[j];
+// first maximum in window order wins ties; NaN propagates). Rows come in order, so windows do too.
+EIT_CLONES void fold_row(const float* __restrict__ conv, int64_t Wcut, int64_t pool, int64_t wy, int64_t nr,
+                         const float* __restrict__ bias, float* __restrict__ best, int32_t* __restrict__ best_w) {
+  for (int64_t ox = 0; ox < Wcut; ++ox) {
+    const int32_t w = int32_t(wy * pool + ox % pool);
+    const float* v = conv + ox * nr;
+    float* bt = best + (ox / pool) * nr;
+    int32_t* bw = best_w + (ox / pool) * nr;
+    for (int64_t j = 0; j < nr; ++j) {
+      const float x = v[j] + bias[j];
+      const bool take = (w == 0) | (x > bt[j]) | (x != x);
+      bt[j] = take ? x : bt[j];
+      bw[j] = take ? w : bw[j];
+    }
   }
 }
 
@@ -517,10 +525,13 @@ void forward_direct(const PatchShape& s, const XView& v, const scalar_t* xptr, c
     const at::Tensor w = weight.detach().reshape({D, K}).to(at::kFloat).contiguous();
     const at::Tensor bb = bias.detach().to(at::kFloat).contiguous();
     const float* wp = w.const_data_ptr<float>();
-    for (int64_t i = 0; i < K; ++i) {
-      const int64_t nat = g.natural(s, i);
-      for (int64_t d = 0; d < D; ++d) wpk[size_t(((d / NR) * K + i) * NR + d % NR)] = wp[d * K + nat];
-    }
+    std::vector<int64_t> nat(static_cast<size_t>(K));
+    for (int64_t i = 0; i < K; ++i) nat[size_t(i)] = g.natural(s, i);
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pn = begin; pn < end; ++pn)
+        for (int64_t d = pn * NR; d < std::min(D, pn * NR + NR); ++d)
+          for (int64_t i = 0; i < K; ++i) wpk[size_t((pn * K + i) * NR + d % NR)] = wp[d * K + nat[size_t(i)]];
+    });
     std::copy(bb.const_data_ptr<float>(), bb.const_data_ptr<float>() + D, bpad.begin());
   }
   // A cell row that lies wholly in the padding adds exactly zero, so it is skipped, unless a weight is not
@@ -562,12 +573,11 @@ void forward_direct(const PatchShape& s, const XView& v, const scalar_t* xptr, c
         }
         // Fold in window order: for each token, its windows (oy % pool, ox % pool) come row-major.
         for (int64_t oy = 0; oy < g.Hcut; ++oy) {
-          if (!started[size_t(oy)]) std::fill(conv.begin() + oy * g.Wcut * NR, conv.begin() + (oy + 1) * g.Wcut * NR, 0.f);
-          for (int64_t ox = 0; ox < g.Wcut; ++ox) {
-            const int64_t t = (oy / s.pool) * s.Wp + ox / s.pool;
-            fold_max(conv.data() + (oy * g.Wcut + ox) * NR, bpad.data() + pn * NR, best.data() + t * NR,
-                     best_w.data() + t * NR, int32_t((oy % s.pool) * s.pool + ox % s.pool), NR);
-          }
+          float* row = conv.data() + oy * g.Wcut * NR;
+          if (!started[size_t(oy)]) std::fill(row, row + g.Wcut * NR, 0.f);
+          const int64_t t0 = (oy / s.pool) * s.Wp;
+          fold_row(row, g.Wcut, s.pool, oy % s.pool, NR, bpad.data() + pn * NR, best.data() + t0 * NR,
+                   best_w.data() + t0 * NR);
         }
         const int64_t d0 = pn * NR, nd = std::min<int64_t>(NR, D - d0);
         for (int64_t t = 0; t < T; ++t)
