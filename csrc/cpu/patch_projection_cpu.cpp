@@ -550,41 +550,44 @@ void forward_direct(const PatchShape& s, const XView& v, const scalar_t* xptr, c
       for (int64_t i = begin; i < end; ++i) to_cells(s, v, xptr, b0 + i, g, cells.data() + i * g.image());
     });
     at::parallel_for(0, nb * panels, 1, [&](int64_t begin, int64_t end) {
-      // conv: (Hcut, Wcut, NR) for this panel; best / best_w: (T, NR).
-      std::vector<float> conv(size_t(g.Hcut * g.Wcut * NR)), best(size_t(T * NR));
-      std::vector<int32_t> best_w(size_t(T * NR));
-      std::vector<char> started(size_t(g.Hcut));
+      // One token row (pool conv rows) at a time, so the buffers stay in L1 at any image size:
+      // conv (pool, Wcut, NR) for this panel, best / best_w (Wp, NR) for the row's tokens.
+      std::vector<float> conv(size_t(s.pool * g.Wcut * NR)), best(size_t(s.Wp * NR));
+      std::vector<int32_t> best_w(size_t(s.Wp * NR));
+      std::vector<char> started(size_t(s.pool));
       for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = b0 + u / panels, pn = u % panels;
+        const int64_t b = b0 + u / panels, pn = u % panels, d0 = pn * NR, nd = std::min<int64_t>(NR, D - d0);
         const float* img = cells.data() + (u / panels) * g.image();
-        std::fill(started.begin(), started.end(), 0);
-        for (int64_t p = 0; p < g.kk; ++p) {  // one cell row of the kernel at a time: its weights stay in L1
-          const float* wq = wpk.data() + (pn * K + p * seg) * NR;
-          for (int64_t oy = 0; oy < g.Hcut; ++oy) {
-            if (skip_padding && !row_in_x[size_t(oy + p)]) continue;
-            const float* arow = img + (oy + p) * g.row();
-            for (int64_t ox = 0; ox < g.Wcut; ox += MR) {
-              const int64_t m = std::min<int64_t>(MR, g.Wcut - ox);
-              rows[m - 1](arow + ox * 8, g.Xc * 8, g.kk, g.Cp / 8, wq, conv.data() + (oy * g.Wcut + ox) * NR,
-                          started[size_t(oy)]);
+        for (int64_t ty = 0; ty < s.Hp; ++ty) {
+          std::fill(started.begin(), started.end(), 0);
+          for (int64_t p = 0; p < g.kk; ++p) {  // one cell row of the kernel at a time: 24 KB of weights
+            const float* wq = wpk.data() + (pn * K + p * seg) * NR;
+            for (int64_t wy = 0; wy < s.pool; ++wy) {
+              const int64_t oy = ty * s.pool + wy;
+              if (skip_padding && !row_in_x[size_t(oy + p)]) continue;
+              const float* arow = img + (oy + p) * g.row();
+              for (int64_t ox = 0; ox < g.Wcut; ox += MR) {
+                const int64_t m = std::min<int64_t>(MR, g.Wcut - ox);
+                rows[m - 1](arow + ox * 8, g.Xc * 8, g.kk, g.Cp / 8, wq, conv.data() + (wy * g.Wcut + ox) * NR,
+                            started[size_t(wy)]);
+              }
+              started[size_t(wy)] = 1;
             }
-            started[size_t(oy)] = 1;
+          }
+          // Fold in window order: for each token, its windows (wy, ox % pool) come row-major.
+          for (int64_t wy = 0; wy < s.pool; ++wy) {
+            float* row = conv.data() + wy * g.Wcut * NR;
+            if (!started[size_t(wy)]) std::fill(row, row + g.Wcut * NR, 0.f);
+            fold_row(row, g.Wcut, s.pool, wy, NR, bpad.data() + pn * NR, best.data(), best_w.data());
+          }
+          for (int64_t tx = 0; tx < s.Wp; ++tx) {
+            const int64_t n = b * T + ty * s.Wp + tx;
+            for (int64_t j = 0; j < nd; ++j) {
+              optr[n * D + d0 + j] = static_cast<scalar_t>(best[size_t(tx * NR + j)]);
+              aptr[n * D + d0 + j] = uint8_t(best_w[size_t(tx * NR + j)]);
+            }
           }
         }
-        // Fold in window order: for each token, its windows (oy % pool, ox % pool) come row-major.
-        for (int64_t oy = 0; oy < g.Hcut; ++oy) {
-          float* row = conv.data() + oy * g.Wcut * NR;
-          if (!started[size_t(oy)]) std::fill(row, row + g.Wcut * NR, 0.f);
-          const int64_t t0 = (oy / s.pool) * s.Wp;
-          fold_row(row, g.Wcut, s.pool, oy % s.pool, NR, bpad.data() + pn * NR, best.data() + t0 * NR,
-                   best_w.data() + t0 * NR);
-        }
-        const int64_t d0 = pn * NR, nd = std::min<int64_t>(NR, D - d0);
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t j = 0; j < nd; ++j) {
-            optr[(b * T + t) * D + d0 + j] = static_cast<scalar_t>(best[size_t(t * NR + j)]);
-            aptr[(b * T + t) * D + d0 + j] = uint8_t(best_w[size_t(t * NR + j)]);
-          }
       }
     });
   }
