@@ -20,7 +20,9 @@ _times = {}
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run"
-    args, explicit = train.parse_args(["--recipe", "cifar", "--model", MODEL, "--batch-size", str(BATCH),
+    # --impl reference: the same model as the bare loop's, so the ratio is the loop's cost alone
+    args, explicit = train.parse_args(["--recipe", "cifar", "--model", MODEL, "--impl", "reference",
+                                       "--batch-size", str(BATCH),
                                        "--synthetic-size", str(BATCH * STEPS * 2), "--epochs", "100",
                                        "--no-progress", "--log-every", "1000", "--output", str(out)])
     return train.Trainer(args, explicit, distributed.setup("cpu"))
