@@ -240,6 +240,8 @@ def test_cpu_schedule_choice(cpu_isa):
     assert schedule(3, 16, 4, torch.float64) == "gather"  # no fp64 vector kernel
     assert schedule(3, 3, 1, torch.float32) == "gather"  # the 32 px stem: 3 values per cell
     assert schedule(3, 6, 4, torch.float32) == "gather"  # k not a multiple of the stride
+    with pytest.raises(RuntimeError, match="need channels, kernel and stride >= 1"):
+        schedule(3, 16, 0, torch.float32)
 
 
 def test_a_large_batch_is_cut_into_groups_of_images():

@@ -3,11 +3,11 @@
 // Forward, two schedules (use_direct() is the one place that chooses):
 // - direct, when the kernel is a whole number of strides (k = kk * stride, the 224 px stem's 16 = 4 x 4) and
 //   fp32/bf16 on AVX2 or AVX-512: the conv is then a kk x kk stride-1 conv over cells, stride x stride blocks
-//   of x holding Cp = C * stride^2 values each (space-to-depth). x is read once into that cell image; conv
-//   position (oy, ox) reads, in each of kk cell rows, kk * Cp consecutive values, and neighbouring positions
-//   along ox start Cp apart, so the micro-kernel reads its MR rows in place (row stride Cp): no patch is
-//   ever gathered, and the patch matrix (window^2 x larger than x) never exists. The reduction runs one cell
-//   row at a time, so the weight block in use (kk * Cp x NR) stays in L1.
+//   of x holding Cp = C * stride^2 values each (space-to-depth). x is read once into that cell image, stored
+//   in 8-channel blocks ([Cp / 8][X][8] per cell row), so neighbouring conv positions along ox read the same
+//   values 8 floats apart and the micro-kernel reads its MR rows in place: no patch is ever gathered, and the
+//   patch matrix never exists. The reduction runs one cell row at a time, so the weight block in use
+//   (kk * Cp x NR) stays in L1.
 // - gather, otherwise (the 32 px stem's 3 x 3 / stride 1, odd strides, fp64, the generic kernel): a tile of
 //   pooled tokens has its patches gathered into a cache-sized buffer as panels of MR rows, [K/16][MR][16].
 // Both fold the conv values into each token's running max and argmax; only pooled tokens are written, the
@@ -451,9 +451,6 @@ void forward_tiles(const PatchShape& s, const XView& v, const scalar_t* xptr, co
 
 // ---- forward, direct schedule -----------------------------------------------------------------------------
 
-// The direct schedule needs k = kk * stride and cells of whole 8-channel blocks (Cp = C * stride^2).
-bool direct_applies(const PatchShape& s) { return s.k % s.stride == 0 && s.C * s.stride * s.stride % 8 == 0; }
-
 // Cells cover the conv positions the pool keeps (Hcut x Wcut): cell (Y, X) holds x rows
 // Y*stride - pad + a and columns X*stride - pad + c2 (a, c2 < stride) as channel ch = (a * stride + c2) * C + c,
 // zero outside x. Conv position (oy, ox) reads cells (oy + p, ox + q), p, q < kk. A cell row is stored as
@@ -595,10 +592,12 @@ void forward_direct(const PatchShape& s, const XView& v, const scalar_t* xptr, c
 
 // ---- forward: the op -------------------------------------------------------------------------------------------
 
-// The one place that picks the forward's schedule: direct where it applies and the CPU has a vector kernel
-// for the input's type (fp32, bf16), else gather.
+// The one place that picks the forward's schedule: direct where the kernel is a whole number of strides
+// (k = kk * stride), cells are whole 8-channel blocks (Cp = C * stride^2) and the CPU has a vector kernel for
+// the input's type (fp32, bf16); else gather.
 bool use_direct(const PatchShape& s, at::ScalarType dtype, Isa isa) {
-  return direct_applies(s) && isa != Isa::generic && (dtype == at::kFloat || dtype == at::kBFloat16);
+  return s.k % s.stride == 0 && s.C * s.stride * s.stride % 8 == 0 && isa != Isa::generic &&
+         (dtype == at::kFloat || dtype == at::kBFloat16);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -779,6 +778,8 @@ TORCH_LIBRARY_FRAGMENT(eit_fast, m) {
   // The schedule the next forward of this stem takes: "direct" or "gather" (see the top of this file).
   m.def("patch_projection_cpu_schedule(int channels, int kernel, int stride, ScalarType dtype) -> str",
         [](int64_t channels, int64_t kernel, int64_t stride, at::ScalarType dtype) -> std::string {
+          TORCH_CHECK(channels >= 1 && kernel >= 1 && stride >= 1, "patch_projection_cpu_schedule: need channels, ",
+                      "kernel and stride >= 1, got ", channels, ", ", kernel, ", ", stride);
           const eit_fast::PatchShape s = eit_fast::make_patch_shape(1, channels, kernel, kernel, 1, kernel, stride, 0, 1);
           return eit_fast::use_direct(s, dtype, eit_fast::cpu_isa()) ? "direct" : "gather";
         });
